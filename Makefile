@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Every target installs what it needs; runtime state stays under $(WORK) (git-ignored).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORK ?= workspace
+export PYTHONUNBUFFERED := 1
+# Torch threads: 2 cores here; FLARE clients run as separate processes.
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: setup base-model data demo demo-sim test bench kits clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# Offline, seeded: a small Llama-architecture model with its own tokenizer, briefly pre-trained.
+base-model: setup $(WORK)/base_model/config.json
+$(WORK)/base_model/config.json: | $(VENV)/.installed
+	$(PY) -m hospital_fedlora.base_model --out $(WORK)/base_model
+
+# Three hospitals' synthetic, non-IID clinical notes (train/validation/test).
+data: setup $(WORK)/data/hospital-a/train.jsonl
+$(WORK)/data/hospital-a/train.jsonl: | $(VENV)/.installed
+	$(PY) -m hospital_fedlora.synthetic_notes --out $(WORK)/data
+
+demo-sim: base-model data
+	$(PY) -m hospital_fedlora.demo --mode simulator --workspace $(WORK)
+
+demo: demo-sim
+
+test: base-model data
+	$(PY) -m pytest -q tests
+
+bench: base-model data
+	$(PY) tests/benchmarks/bench_training_throughput.py --workspace $(WORK) --out docs/benchmarks
+
+clean:
+	rm -rf $(WORK) .pytest_cache
