@@ -1,0 +1,134 @@
+"""Local LoRA training and evaluation on one site's data: plain torch, no FLARE.
+
+The executor owns one ``LocalTrainer`` per job. Batches are drawn from a seeded permutation that carries
+across rounds, so each round sees new examples rather than the first ``local_steps`` batches again.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+
+from .dataset import collate_batch, tokenize_record
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    steps: int
+    loss: float
+    tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    mean_loss: float
+    last_loss: float
+    tokens: int
+    seconds: float
+
+
+class LocalTrainer:
+    def __init__(
+        self,
+        model: PeftModel,
+        tokenizer,
+        train_records: Sequence[dict],
+        val_records: Sequence[dict],
+        *,
+        max_seq_length: int,
+        batch_size: int,
+        micro_batch_size: int,
+        learning_rate: float,
+        weight_decay: float,
+        seed: int,
+    ):
+        self.model = model
+        self.device = next(p for p in model.parameters() if p.requires_grad).device
+        self.pad_id = tokenizer.pad_token_id
+        self.train_examples = [tokenize_record(r, tokenizer, max_seq_length) for r in train_records]
+        self.val_examples = [tokenize_record(r, tokenizer, max_seq_length) for r in val_records]
+        self.batch_size = batch_size
+        self.micro_batch_size = min(micro_batch_size, batch_size)
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self._rng = torch.Generator().manual_seed(seed)
+        self._order: list[int] = []
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.train_examples)
+
+    def _next_indices(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if not self._order:
+                self._order = torch.randperm(len(self.train_examples), generator=self._rng).tolist()
+            out.append(self._order.pop())
+        return out
+
+    def _micro_batches(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        chunks = [indices[i : i + self.micro_batch_size] for i in range(0, len(indices), self.micro_batch_size)]
+        return [
+            {k: v.to(self.device) for k, v in collate_batch([self.train_examples[i] for i in c], self.pad_id).items()}
+            for c in chunks
+        ]
+
+    def _summed_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Sum of next-token losses over response tokens, and how many there were."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        logits = logits[:, :-1].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
+        return loss, int((labels != -100).sum())
+
+    def train(self, steps: int, progress: Callable[[StepReport], None] | None = None) -> TrainResult:
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # A fresh optimizer each round: the global adapter changed under it, old moments would be stale.
+        optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        losses, tokens, start = [], 0, time.perf_counter()
+        for step in range(1, steps + 1):
+            micro = self._micro_batches(self._next_indices(self.batch_size))
+            # Weight micro-batches by their response tokens so accumulation equals one big batch exactly.
+            n_targets = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+            step_loss = 0.0
+            for m in micro:
+                loss_sum, _ = self._summed_loss(m)
+                (loss_sum / max(n_targets, 1)).backward()
+                step_loss += loss_sum.item()
+                tokens += int(m["attention_mask"].sum())
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss / max(n_targets, 1))
+            if progress is not None:
+                elapsed = time.perf_counter() - start
+                progress(StepReport(step, steps, losses[-1], tokens / elapsed if elapsed > 0 else 0.0))
+        self.model.eval()
+        return TrainResult(steps, sum(losses) / len(losses), losses[-1], tokens, time.perf_counter() - start)
+
+    @torch.no_grad()
+    def evaluate(self, max_examples: int) -> float:
+        """Mean loss per response token over the first ``max_examples`` validation records."""
+        self.model.eval()
+        examples = self.val_examples[:max_examples]
+        total, count = 0.0, 0
+        for i in range(0, len(examples), self.micro_batch_size):
+            batch = collate_batch(examples[i : i + self.micro_batch_size], self.pad_id)
+            loss_sum, n = self._summed_loss({k: v.to(self.device) for k, v in batch.items()})
+            total += loss_sum.item()
+            count += n
+        return total / count if count else math.nan
+
+    @torch.no_grad()
+    def evaluate_base(self, max_examples: int) -> float:
+        """The same score with the adapter switched off: the base model alone."""
+        with self.model.disable_adapter():
+            return self.evaluate(max_examples)
