@@ -1,0 +1,87 @@
+"""The plaintext job, end to end, in the real FLARE simulator with three hospitals."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from peft import PeftModel
+from safetensors.numpy import load_file
+from transformers import AutoModelForCausalLM
+
+from hospital_fedlora.demo import final_comparison, round_table, run_simulator
+
+REPO = Path(__file__).resolve().parents[1]
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+
+
+def shrink_job(tmp_path: Path, rounds: int, steps: int) -> Path:
+    """The committed job with fewer rounds and steps, so the test stays short."""
+    job = tmp_path / "fedlora_plain"
+    shutil.copytree(REPO / "jobs" / "fedlora_plain", job)
+    server = job / "app/config/config_fed_server.json"
+    cfg = json.loads(server.read_text())
+    next(w for w in cfg["workflows"] if w["id"] == "scatter_and_gather")["args"]["num_rounds"] = rounds
+    server.write_text(json.dumps(cfg))
+    client = job / "app/config/config_fed_client.json"
+    cfg = json.loads(client.read_text())
+    cfg["executors"][0]["executor"]["args"]["recipe"]["local_steps"] = steps
+    client.write_text(json.dumps(cfg))
+    return job
+
+
+@pytest.fixture(scope="module")
+def sim_run(tmp_path_factory, base_model_dir, data_dir):
+    tmp = tmp_path_factory.mktemp("sim")
+    run_dir = run_simulator(shrink_job(tmp, rounds=2, steps=8), tmp / "ws", show=lambda s: None)
+    return run_dir
+
+
+@pytest.mark.e2e
+def test_every_round_recorded_with_example_count_weights(sim_run, data_dir):
+    rows = [json.loads(l) for l in (sim_run / "round_metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1]
+    counts = {s: sum(1 for _ in open(data_dir / s / "train.jsonl")) for s in SITES}
+    for r in rows:
+        assert r["site_weights"] == counts
+        assert set(r["site_metrics"]) == set(SITES)
+    assert "hospital-c" in round_table(sim_run)
+
+
+@pytest.mark.e2e
+def test_validation_loss_fell_at_every_site(sim_run):
+    rows = [json.loads(l) for l in (sim_run / "round_metrics.jsonl").read_text().splitlines()]
+    final = final_comparison(sim_run)
+    assert set(final) == set(SITES)
+    for site in SITES:
+        first_global = rows[0]["site_metrics"][site]["val_loss_global"]
+        assert final[site]["val_loss"] < final[site]["base_val_loss"], site
+        assert final[site]["val_loss"] < first_global, site
+        # round 0's global adapter is the untrained LoRA (B = 0): it scores exactly like the base model
+        assert first_global == pytest.approx(final[site]["base_val_loss"], rel=1e-4)
+
+
+@pytest.mark.e2e
+def test_global_adapter_changed_and_loads_with_peft(sim_run, base_model_dir):
+    saved = load_file(str(sim_run / "global_adapter" / "adapter_model.safetensors"))
+    rounds = sorted((sim_run / "adapter_rounds").glob("round_*.safetensors"))
+    assert [p.name for p in rounds] == ["round_000.safetensors", "round_001.safetensors"]
+    lora_b = [v for k, v in saved.items() if "lora_B" in k]
+    assert lora_b and all(np.abs(v).max() > 0 for v in lora_b)  # LoRA B starts at zero
+    r0 = load_file(str(rounds[0]))
+    assert any(not np.array_equal(r0[k], saved[k]) for k in saved)
+
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, local_files_only=True)
+    model = PeftModel.from_pretrained(base, sim_run / "global_adapter")
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    key = next(k for k in saved if "lora_B" in k)
+    match = [v for k, v in loaded.items() if k.replace(".default", "") == key]
+    np.testing.assert_array_equal(match[0].numpy(), saved[key])
+
+
+@pytest.mark.e2e
+def test_each_site_kept_the_final_adapter(sim_run):
+    ws = sim_run.parents[1]
+    for site in SITES:
+        assert (ws / site / "simulate_job" / "global_adapter" / "adapter_model.safetensors").is_file(), site
