@@ -1,0 +1,118 @@
+"""Provisioning builder: one BFV key set per provisioning, written into every participant's startup kit.
+
+In ``provisioning/project.yml``, after ``CertBuilder`` and before ``SignatureBuilder``::
+
+    - path: hospital_fedlora.bfv_builder.BFVContextBuilder
+      args:
+        poly_modulus_degree: 4096   # optional, 4096 or 8192
+        plain_modulus_bits: 57      # optional, 20..60
+
+What it writes (file names in ``hospital_fedlora.packed_bfv``):
+
+* server: ``startup/server_bfv_context.tenseal``, the encryption parameters and the key id only. With
+  symmetric BFV the server needs no key to add ciphertexts, so it gets none: no secret key, no public
+  key, no evaluation keys. It cannot encrypt or decrypt.
+* every client: ``startup/client_bfv_context.tenseal``, the same parameters with the one secret key all
+  hospitals share (mode 0600).
+* admin kits: nothing.
+
+Signing. NVFlare's ``SignatureBuilder`` signs a kit's ``startup/`` and ``local/`` folders only when it
+finds one of *its* context names there (``server_context.tenseal`` / ``client_context.tenseal``, written
+by NVFlare's CKKS ``HEBuilder``); it does not know ours. So ``finalize`` (which runs after every
+builder's ``build``, SignatureBuilder's included) checks each kit we wrote to: if ``startup/signature.json``
+is missing or does not cover our file, it signs ``startup/`` and ``local/`` exactly the way
+SignatureBuilder signs HE kits (root CA key, ``signature.json``). With NVFlare's ``HEBuilder`` in the
+same project (CKKS kept for comparison) SignatureBuilder has already covered our file and nothing is
+re-signed. At run time FLARE's ``SecurityContentService`` verifies the file against ``rootCA.pem``.
+
+Provisioning also refuses parameters that leave too little noise room for the number of clients in
+``project.yml`` (jobs check their own ``max_sites`` again when they start, see ``packed_bfv.plan_lanes``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from nvflare.lighter.constants import CtxKey, ProvFileName
+from nvflare.lighter.spec import Builder, Project, ProvisionContext
+from nvflare.lighter.utils import sign_folders
+from pydantic import ValidationError
+
+from .packed_bfv import (
+    CLIENT_CONTEXT_FILE,
+    SERVER_CONTEXT_FILE,
+    BFVContext,
+    BFVParams,
+    PackingSettings,
+    make_context,
+    plan_lanes,
+    serialize_context,
+)
+
+
+class BFVContextBuilder(Builder):
+    def __init__(self, poly_modulus_degree: int = 4096, plain_modulus_bits: int = 57):
+        try:
+            self.params = BFVParams(poly_modulus_degree=poly_modulus_degree, plain_modulus_bits=plain_modulus_bits)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e['input']!r})" for e in err.errors())
+            raise ValueError(
+                f"project.yml, builder hospital_fedlora.bfv_builder.BFVContextBuilder, args: {problems}"
+            ) from None
+        self._context: BFVContext | None = None
+        self._written: list[tuple[object, str]] = []
+
+    def initialize(self, project: Project, ctx: ProvisionContext):
+        n_clients = max(1, len(project.get_clients()))
+        self._context = make_context(self.params)
+        try:
+            # The noise room must at least cover every client of this project contributing once.
+            plan_lanes(PackingSettings(bits=8, max_sites=n_clients, max_weight=1), self._context)
+        except ValueError as err:
+            raise ValueError(f"project.yml, BFVContextBuilder: {err}") from None
+        self._written = []
+
+    def build(self, project: Project, ctx: ProvisionContext):
+        assert self._context is not None, "initialize() runs before build()"
+        server = project.get_server()
+        if server:
+            self._write(ctx, server, SERVER_CONTEXT_FILE, serialize_context(self._context, secret=False), 0o644)
+        client_bytes = serialize_context(self._context, secret=True)
+        for client in project.get_clients():
+            self._write(ctx, client, CLIENT_CONTEXT_FILE, client_bytes, 0o600)
+        ctx.info(
+            f"BFVContextBuilder: key {self._context.key_id} (poly_modulus_degree {self.params.poly_modulus_degree}, "
+            f"plain modulus {self._context.plain_modulus}) written to {len(self._written)} kits"
+        )
+
+    def _write(self, ctx: ProvisionContext, participant, name: str, data: bytes, mode: int) -> None:
+        path = os.path.join(ctx.get_kit_dir(participant), name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(path, mode)
+        self._written.append((participant, name))
+
+    def finalize(self, project: Project, ctx: ProvisionContext):
+        root_key = ctx.get(CtxKey.ROOT_PRI_KEY)
+        for participant, name in self._written:
+            kit_dir = ctx.get_kit_dir(participant)
+            if _signed(kit_dir, name):
+                continue
+            if not root_key:
+                raise RuntimeError(
+                    f"BFVContextBuilder: cannot sign {name} for {participant.name}: no root CA key "
+                    "(put nvflare.lighter.impl.cert.CertBuilder before this builder in project.yml)"
+                )
+            sign_folders(kit_dir, root_key, signature_file=ProvFileName.SIGNATURE_JSON)
+            sign_folders(ctx.get_local_dir(participant), root_key, signature_file=ProvFileName.SIGNATURE_JSON)
+        self._context = None  # the secret key lives on in the client kits only
+
+
+def _signed(kit_dir: str, name: str) -> bool:
+    sig = os.path.join(kit_dir, ProvFileName.SIGNATURE_JSON)
+    if not os.path.isfile(sig):
+        return False
+    with open(sig) as f:
+        return name in json.load(f)
