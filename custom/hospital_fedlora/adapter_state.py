@@ -58,7 +58,8 @@ def adapter_config_dict(model: PeftModel) -> dict:
     cfg = model.peft_config["default"].to_dict()
     # The base model's path is site-local; the adapter works with any copy of the same checkpoint.
     cfg["base_model_name_or_path"] = None
-    return json.loads(json.dumps(cfg, default=list))
+    # peft keeps target_modules as a set; sorted, so every site sends byte-identical configs.
+    return json.loads(json.dumps(cfg, default=sorted))
 
 
 def save_peft_adapter(out_dir: Path, state: Mapping[str, np.ndarray], adapter_config: dict) -> Path:

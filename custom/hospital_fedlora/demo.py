@@ -16,6 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+from .kits import PACKAGE_ALLOW_PREFIX
 from .lora_executor import SITE_CONFIGS_ENV
 from .round_metrics_log import ROUND_METRICS_FILE
 
@@ -23,7 +26,7 @@ from .round_metrics_log import ROUND_METRICS_FILE
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 # FLARE log lines worth showing live: round boundaries and our executors' progress.
-_LIVE = re.compile(r"Round \d+ started|Round \d+ finished|step \d+/\d+|done: train loss|validation loss .*base model|rejected|ERROR")
+_LIVE = re.compile(r"Round \d+ started|Round \d+ finished|step \d+/\d+|done: train loss|final validation loss|rejected|ERROR")
 
 
 def run_simulator(job_dir: Path, workspace: Path, sites=SITES, show=print) -> Path:
@@ -31,6 +34,10 @@ def run_simulator(job_dir: Path, workspace: Path, sites=SITES, show=print) -> Pa
     if workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True)
+    # The simulator copies <workspace>/local into every site; FLARE 2.9 builds only allow-listed classes.
+    (workspace / "local").mkdir()
+    allow = list(DEFAULT_CLASS_ALLOW_LIST) + [PACKAGE_ALLOW_PREFIX]
+    (workspace / "local" / "resources.json").write_text(json.dumps({"format_version": 2, "class_allow_list": allow}))
     env = dict(os.environ)
     env.setdefault(SITE_CONFIGS_ENV, str(REPO_ROOT / "site_configs"))
     cmd = [
@@ -54,9 +61,8 @@ def run_simulator(job_dir: Path, workspace: Path, sites=SITES, show=print) -> Pa
 
 def _shorten(line: str) -> str:
     # FLARE prefixes every line with time, logger and context; keep the site and the message.
-    site = re.search(r"(hospital-[\w-]+|server)", line)
     msg = line.rstrip().split(" - ")[-1]
-    return f"[{site.group(1) if site else '?'}] {msg}"
+    return msg if msg.startswith("hospital") else f"server: {msg}"
 
 
 def round_table(run_dir: Path) -> str:

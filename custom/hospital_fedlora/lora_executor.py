@@ -177,7 +177,7 @@ class LoraExecutor(Executor):
             if s.step % every == 0 or s.step == s.steps:
                 self.log_info(
                     fl_ctx,
-                    f"round {rnd + 1}/{total} step {s.step}/{s.steps} loss {s.loss:.4f} ({s.tokens_per_s:,.0f} tok/s)",
+                    f"{self.site.site} round {rnd + 1}/{total} step {s.step}/{s.steps} loss {s.loss:.4f} ({s.tokens_per_s:,.0f} tok/s)",
                 )
 
         result = t.train(r.local_steps, progress)
@@ -191,7 +191,7 @@ class LoraExecutor(Executor):
         }
         self.log_info(
             fl_ctx,
-            f"round {rnd + 1}/{total} done: train loss {result.mean_loss:.4f}, validation loss "
+            f"{self.site.site} round {rnd + 1}/{total} done: train loss {result.mean_loss:.4f}, validation loss "
             f"{val_global:.4f} -> {val_local:.4f}",
         )
         diff = ad.subtract(ad.get_adapter_state(t.model), global_state)
@@ -214,7 +214,7 @@ class LoraExecutor(Executor):
         out = ad.save_peft_adapter(self.run_dir / "global_adapter", state, self.adapter_config)
         self.log_info(
             fl_ctx,
-            f"validation loss {metrics['val_loss']:.4f} (base model {metrics['base_val_loss']:.4f}); adapter saved to {out}",
+            f"{self.site.site} final validation loss {metrics['val_loss']:.4f} (base model {metrics['base_val_loss']:.4f}); adapter saved to {out}",
         )
         return DXO(DataKind.METRICS, data=metrics).to_shareable()
 
