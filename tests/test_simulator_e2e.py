@@ -85,3 +85,21 @@ def test_each_site_kept_the_final_adapter(sim_run):
     ws = sim_run.parents[1]
     for site in SITES:
         assert (ws / site / "simulate_job" / "global_adapter" / "adapter_model.safetensors").is_file(), site
+
+
+@pytest.mark.e2e
+def test_a_failing_site_stops_the_job_and_is_named(tmp_path, monkeypatch, base_model_dir, data_dir):
+    configs = tmp_path / "site_configs"
+    configs.mkdir()
+    for site in SITES:
+        text = (REPO / "site_configs" / f"{site}.yaml").read_text().replace("../workspace", str(REPO / "workspace"))
+        if site == "hospital-c":
+            text = text.replace("hospital-c/train.jsonl", "hospital-c/missing.jsonl")
+        (configs / f"{site}.yaml").write_text(text)
+    monkeypatch.setenv("HOSPITAL_FEDLORA_SITE_CONFIGS", str(configs))
+    shown = []
+    with pytest.raises(RuntimeError, match="simulator run failed"):
+        run_simulator(shrink_job(tmp_path, rounds=1, steps=1), tmp_path / "ws", show=shown.append)
+    log = (tmp_path / "ws.log").read_text()
+    assert "missing.jsonl" in log and "hospital-c" in log
+    assert not (tmp_path / "ws" / "server" / "simulate_job" / "global_adapter").exists()

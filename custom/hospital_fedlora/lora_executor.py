@@ -37,6 +37,9 @@ from .model_loading import apply_lora, choose_placement, load_base_model
 SITE_CONFIG_FILE = "site_config.yaml"
 SITE_CONFIGS_ENV = "HOSPITAL_FEDLORA_SITE_CONFIGS"
 ERROR_HEADER = "hospital_fedlora_error"
+# Task data may carry the global adapter as a change since the seeded initial adapter (meta RELATIVE_TO).
+RELATIVE_TO = "relative_to"
+INITIAL_ADAPTER = "initial_adapter"
 
 
 class _Aborted(Exception):
@@ -82,6 +85,7 @@ class LoraExecutor(Executor):
         self.trainer: LocalTrainer | None = None
         self.adapter_config: dict | None = None
         self.run_dir: Path | None = None
+        self.initial_state: dict | None = None
         self._setup_error: str | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -110,6 +114,7 @@ class LoraExecutor(Executor):
         model, tokenizer = load_base_model(site.base_model_path, placement, source)
         model = apply_lora(model, self.recipe.lora, self.recipe.seed)
         self.adapter_config = ad.adapter_config_dict(model)
+        self.initial_state = ad.get_adapter_state(model)
         r = self.recipe
         self.trainer = LocalTrainer(
             model,
@@ -153,10 +158,22 @@ class LoraExecutor(Executor):
         return reply
 
     def _received_adapter(self, shareable: Shareable, fl_ctx: FLContext) -> dict:
+        """Set the global adapter: sent whole (plaintext job), or as the change since the shared initial
+        adapter (encrypted job: the server holds no plaintext, the decrypt filter rebuilds the change)."""
         dxo = from_shareable(shareable)
-        if dxo.data_kind != DataKind.WEIGHTS:
-            raise ValueError(f"expected the global adapter as {DataKind.WEIGHTS}, got {dxo.data_kind}")
-        ad.set_adapter_state(self.trainer.model, dxo.data, source="adapter received from the server")
+        source = "adapter received from the server"
+        if dxo.data_kind == DataKind.WEIGHTS:
+            state = dxo.data
+        elif dxo.data_kind == DataKind.WEIGHT_DIFF and dxo.get_meta_prop(RELATIVE_TO) == INITIAL_ADAPTER:
+            if dxo.data:
+                ad.check_same_layout(self.initial_state, dxo.data, source)
+            state = {k: v + dxo.data[k] if dxo.data else v for k, v in self.initial_state.items()}
+        else:
+            raise ValueError(
+                f"expected the global adapter as {DataKind.WEIGHTS} or as a {DataKind.WEIGHT_DIFF} relative to the "
+                f"initial adapter, got {dxo.data_kind}"
+            )
+        ad.set_adapter_state(self.trainer.model, state, source=source)
         return ad.get_adapter_state(self.trainer.model)
 
     def _get_weights(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
