@@ -11,7 +11,9 @@ this module adds, per kit:
 * ``site_config.yaml`` (hospital kits): the hospital's ``site_configs/<site>.yaml``, validated, with its
   paths made absolute so the executor finds data and model wherever the job runs.
 
-``local/`` is not covered by the kit's signature, which is why these files may be written after signing.
+Nothing in ``startup/`` is touched: FLARE verifies that folder's signatures at every start and refuses a
+kit whose startup files changed. ``local/`` is, by FLARE's design, the site's own place for such settings
+(its ``signature.json`` covers only the ``*.default`` templates, which stay as provisioned).
 
 Command line::
 
@@ -183,10 +185,10 @@ def install_site_config(kit: str | Path, site_config: str | Path) -> Path:
     """Validate ``site_config`` for the kit's site and write it, paths absolute, to ``<kit>/local``."""
     kit = Path(kit)
     cfg = load_site_config(site_config, expected_site=kit.name)
-    for label, path in (("data.train", cfg.data.train), ("data.validation", cfg.data.validation),
-                        ("base_model_path", cfg.base_model_path)):  # fmt: skip
-        if not path.exists():
-            print(f"  note: {kit.name}: {label} {path} does not exist yet (the site needs it before training)")
+    absent = [label for label, path in (("data.train", cfg.data.train), ("data.validation", cfg.data.validation),
+                                         ("base_model_path", cfg.base_model_path)) if not path.exists()]  # fmt: skip
+    if absent:
+        print(f"  note: {kit.name}: {', '.join(absent)} not there yet; the site needs them before training")
     dest = kit / "local" / SITE_CONFIG_NAME
     header = f"# {kit.name}'s site configuration, from {Path(site_config).resolve()} (paths resolved).\n"
     dest.write_text(header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,213 @@
+"""`nvflare provision` with our project.yml, kit preparation, and the security the kits must give.
+
+The e2e tests start a real server from the kits (its own start.sh) and knock on it with kits from
+another provisioning, i.e. another root CA.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import ssl
+from pathlib import Path
+
+import pytest
+import tenseal as ts
+import yaml
+from nvflare.lighter.utils import verify_folder_signature
+
+from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
+from hospital_fedlora.config import load_site_config
+from hospital_fedlora.kits import COMM_CONFIG, PACKAGE_ALLOW_PREFIX, KitError, main as kits_main
+from hospital_fedlora.local_federation import LocalFederation
+from hospital_fedlora.packed_bfv import load_context_file
+
+ADMIN = "admin@consortium.org"
+
+
+@pytest.fixture(scope="module")
+def port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory, port):
+    return provision_into(tmp_path_factory.mktemp("prov_a"), port, REPO / "site_configs")
+
+
+@pytest.fixture(scope="module")
+def foreign_kits(tmp_path_factory, port):
+    """The same project provisioned again elsewhere: same names and port, a different root CA."""
+    return provision_into(tmp_path_factory.mktemp("prov_b"), port, REPO / "site_configs")
+
+
+# ------------------------------------------------------------------------------------------ kit files
+def test_every_participant_gets_a_kit(kits):
+    assert kits.server.name == "localhost"
+    assert sorted(kits.clients) == list(SITES)
+    assert sorted(kits.admins) == [ADMIN] + [f"admin@{s}.org" for s in SITES]
+    roles = {name: json.loads((k / "startup" / "fed_admin.json").read_text())["admin"]["username"]
+             for name, k in kits.admins.items()}  # fmt: skip
+    assert roles == {name: name for name in kits.admins}
+
+
+def test_storage_stays_inside_the_kit(kits):
+    text = (kits.server / "local" / "resources.json").read_text()
+    assert "/tmp/nvflare" not in text
+    resources = json.loads(text)
+    job_manager = next(c for c in resources["components"] if c["id"] == "job_manager")
+    snapshot_root = resources["snapshot_persistor"]["args"]["storage"]["args"]["root_dir"]
+    for path in (job_manager["args"]["uri_root"], snapshot_root):
+        assert Path(path).is_absolute() and Path(path).is_relative_to(kits.server / "storage"), path
+    for kit in [*kits.clients.values(), *kits.admins.values()]:
+        assert "/tmp/nvflare" not in (kit / "local" / "resources.json").read_text()
+
+
+def test_our_components_are_allowed_at_server_and_hospitals(kits):
+    for kit in [kits.server, *kits.clients.values()]:
+        allow = json.loads((kit / "local" / "resources.json").read_text())["class_allow_list"]
+        assert PACKAGE_ALLOW_PREFIX in allow, kit.name
+        assert "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather" in allow
+
+
+def test_comm_config_sized_for_large_messages(kits):
+    for kit in [kits.server, *kits.clients.values()]:
+        config = json.loads((kit / "local" / "comm_config.json").read_text())
+        for key, value in COMM_CONFIG.items():
+            assert config[key] == value, (kit.name, key)
+        assert config["streaming_max_blob_size"] >= 8 * 1024**3
+        assert config["streaming_read_timeout"] >= 600
+
+
+def test_site_config_placed_with_absolute_paths(kits):
+    for site, kit in kits.clients.items():
+        placed = kit / "local" / "site_config.yaml"
+        raw = yaml.safe_load(placed.read_text())
+        for path in (raw["base_model_path"], raw["data"]["train"], raw["data"]["validation"]):
+            assert Path(path).is_absolute(), (site, path)
+        assert load_site_config(placed, expected_site=site) == load_site_config(REPO / "site_configs" / f"{site}.yaml")
+    assert not (kits.server / "local" / "site_config.yaml").exists()
+
+
+def test_startup_folders_still_verify_against_their_root_ca(kits):
+    for kit in [kits.server, *kits.clients.values(), *kits.admins.values()]:
+        startup = kit / "startup"
+        if kit in kits.admins.values():
+            assert not (startup / "signature.json").exists()  # FLARE signs server and client kits only
+            continue
+        assert verify_folder_signature(
+            str(startup), str(startup / "rootCA.pem"), single_signer=True, signature_file="signature.json"
+        ), kit.name
+
+
+def _has_secret_key(path: Path) -> bool:
+    if path.name.endswith("_bfv_context.tenseal"):
+        return load_context_file(path).has_secret_key  # ours: a small header around a TenSEAL context
+    return ts.context_from(path.read_bytes()).is_private()  # NVFlare HEBuilder's CKKS context
+
+
+def test_server_kit_holds_no_secret_key_and_hospitals_do(kits):
+    server_contexts = sorted(kits.server.rglob("*.tenseal"))
+    assert {p.name for p in server_contexts} == {"server_bfv_context.tenseal", "server_context.tenseal"}
+    for path in server_contexts:
+        assert not _has_secret_key(path), path
+    assert not list(kits.server.rglob("client*context*"))
+    for site, kit in kits.clients.items():
+        contexts = sorted(kit.rglob("*.tenseal"))
+        assert {p.name for p in contexts} == {"client_bfv_context.tenseal", "client_context.tenseal"}, site
+        assert all(_has_secret_key(p) for p in contexts), site
+    for kit in kits.admins.values():
+        assert not list(kit.rglob("*.tenseal"))
+
+
+def test_fourth_hospital_is_one_project_entry_and_one_site_config(tmp_path):
+    configs = tmp_path / "site_configs"
+    shutil.copytree(REPO / "site_configs", configs)
+    with pytest.raises(KitError, match=r"no site config for \['hospital-d'\]"):
+        provision_into(tmp_path / "without", free_port(), configs, extra_clients=("hospital-d",))
+    raw = yaml.safe_load((configs / "hospital-a.yaml").read_text())
+    (configs / "hospital-d.yaml").write_text(yaml.safe_dump({**raw, "site": "hospital-d"}))
+    kits = provision_into(tmp_path / "with", free_port(), configs, extra_clients=("hospital-d",))
+    assert sorted(kits.clients) == [*SITES, "hospital-d"]
+    assert load_site_config(kits.clients["hospital-d"] / "local" / "site_config.yaml").site == "hospital-d"
+
+
+def test_site_config_for_the_wrong_site_is_refused(tmp_path, capsys):
+    configs = tmp_path / "site_configs"
+    shutil.copytree(REPO / "site_configs", configs)
+    shutil.copy(configs / "hospital-a.yaml", configs / "hospital-b.yaml")
+    project = tmp_path / "project.yml"
+    shutil.copy(REPO / "provisioning" / "project.yml", project)
+    rc = kits_main(["--project", str(project), "--workspace", str(tmp_path / "ws"), "--site-configs", str(configs)])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "hospital-b.yaml" in err and "field 'site' is 'hospital-a' but this client is 'hospital-b'" in err
+
+
+# ----------------------------------------------------------------------- security on a running server
+@pytest.fixture(scope="module")
+def server_with_one_hospital(kits):
+    with LocalFederation(kits, clients=["hospital-b"], echo=lambda s: None) as fed:
+        yield fed
+    assert not fed.processes()
+
+
+def _tls_hello(cert_kit: Path, trust_kit: Path, port: int) -> bytes:
+    """Open mutual TLS to the server with ``cert_kit``'s certificate; return the server's first bytes."""
+    ctx = ssl.create_default_context(cafile=str(trust_kit / "startup" / "rootCA.pem"))
+    ctx.load_cert_chain(str(cert_kit / "startup" / "client.crt"), str(cert_kit / "startup" / "client.key"))
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("localhost", port), timeout=20) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # gRPC is HTTP/2: the server answers with SETTINGS
+            try:
+                return tls.recv(64)
+            except (ssl.SSLError, ConnectionError):
+                return b""
+
+
+@pytest.mark.e2e
+def test_server_refuses_certificates_of_another_root_ca(server_with_one_hospital, kits, foreign_kits, port):
+    # Even a client that trusts our server (it has our rootCA.pem) is refused with a foreign certificate.
+    assert _tls_hello(kits.clients["hospital-a"], kits.server, port) != b""
+    assert _tls_hello(foreign_kits.clients["hospital-a"], kits.server, port) == b""
+    assert _tls_hello(foreign_kits.admins[ADMIN], kits.server, port) == b""
+
+
+@pytest.mark.e2e
+def test_client_kit_from_another_provisioning_cannot_join(server_with_one_hospital, foreign_kits):
+    fed = server_with_one_hospital
+    intruder = foreign_kits.clients["hospital-a"]
+    fed.start_kit(intruder)  # its own start.sh, pointed at our server (same name and port)
+    wait_until(
+        lambda: "CERTIFICATE_VERIFY_FAILED" in (intruder / "console.txt").read_text(errors="replace"),
+        timeout=60,
+        what="the foreign hospital-a to fail its TLS handshake",
+    )
+    assert fed.connected_clients() == {"hospital-b"}
+    status = fed.session.check_status("client")
+    assert [c["client_name"] for c in status["client_status"]] == ["hospital-b"]
+    server_log = (fed.kits.server / "log.txt").read_text()
+    assert "SSL hospital-b]" in server_log and "SSL hospital-a]" not in server_log
+
+
+@pytest.mark.e2e
+def test_admin_without_a_valid_kit_cannot_connect(server_with_one_hospital, kits, foreign_kits, tmp_path):
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    def refused(username: str, kit: Path) -> bool:
+        try:
+            session = new_secure_session(username, str(kit), timeout=5)
+        except Exception:
+            return True
+        session.close()
+        return False
+
+    assert not refused(ADMIN, kits.admins[ADMIN])  # the genuine kit works
+    assert refused(ADMIN, foreign_kits.admins[ADMIN])  # another root CA
+    assert refused(ADMIN, kits.admins["admin@hospital-a.org"])  # someone else's certificate
+    keyless = tmp_path / "keyless"
+    shutil.copytree(kits.admins[ADMIN], keyless)
+    (keyless / "startup" / "client.key").unlink()
+    assert refused(ADMIN, keyless)  # a kit without its private key
