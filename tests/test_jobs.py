@@ -1,0 +1,61 @@
+"""The committed jobs are what an operator submits as-is: they must parse, name importable and allowed
+classes, carry a valid recipe, and agree with each other on it."""
+
+import importlib
+import json
+from pathlib import Path
+
+import pytest
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+from hospital_fedlora.config import parse_recipe
+from hospital_fedlora.kits import PACKAGE_ALLOW_PREFIX
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = sorted(p.parent for p in (REPO / "jobs").glob("*/meta.json"))
+
+
+def class_paths(node):
+    if isinstance(node, dict):
+        if isinstance(node.get("path"), str):
+            yield node["path"]
+        for v in node.values():
+            yield from class_paths(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from class_paths(v)
+
+
+def configs(job: Path):
+    return [json.loads(p.read_text()) for p in sorted((job / "app" / "config").glob("config_fed_*.json"))]
+
+
+def recipe_of(job: Path) -> dict:
+    client = json.loads((job / "app/config/config_fed_client.json").read_text())
+    return client["executors"][0]["executor"]["args"]["recipe"]
+
+
+def test_there_are_jobs():
+    assert REPO / "jobs" / "fedlora_plain" in JOBS
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_job_classes_import_and_are_allow_listed(job):
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["name"] == job.name
+    for path in {p for cfg in configs(job) for p in class_paths(cfg)}:
+        module, _, cls = path.rpartition(".")
+        assert hasattr(importlib.import_module(module), cls), path
+        assert path.startswith(PACKAGE_ALLOW_PREFIX) or path in DEFAULT_CLASS_ALLOW_LIST, path
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_job_recipe_is_valid(job):
+    parse_recipe(recipe_of(job))
+
+
+def test_all_jobs_train_with_the_same_recipe():
+    """Plaintext and encrypted runs are compared side by side; they must differ only in privacy."""
+    recipes = {job.name: recipe_of(job) for job in JOBS}
+    first = next(iter(recipes.values()))
+    assert all(r == first for r in recipes.values()), recipes
