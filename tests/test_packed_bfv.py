@@ -19,7 +19,6 @@ from hospital_fedlora.packed_bfv import (
     batching_prime,
     decrypt_ints,
     encrypt_ints,
-    integer_weight,
     load_context,
     make_context,
     pack_lanes,
@@ -28,10 +27,10 @@ from hospital_fedlora.packed_bfv import (
     serialize_context,
     unpack_lanes,
 )
-from hospital_fedlora.quantize import dequantize, quantize, step_size
+from hospital_fedlora.quantize import contribution_weight, dequantize, quantize, step_size
 
-INT16 = PackingSettings(bits=16, max_sites=8, max_weight=512, ciphertexts_per_chunk=4)
-INT8 = PackingSettings(bits=8, max_sites=4, max_weight=16, ciphertexts_per_chunk=4)
+INT16 = PackingSettings(bits=16, max_sites=8, ciphertexts_per_chunk=4)
+INT8 = PackingSettings(bits=8, max_sites=8, ciphertexts_per_chunk=4)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +63,7 @@ def test_contexts_carry_params_and_only_the_client_has_the_secret_key(keys):
     assert client.has_secret_key and not server.has_secret_key
     assert client.key_id == server.key_id
     assert server.poly_modulus_degree == 4096 and server.data_modulus_bits == 72
-    assert server.plain_modulus == batching_prime(57, 4096)
+    assert server.plain_modulus == batching_prime(58, 4096)
     assert len(serialize_context(server, secret=False)) < 1000  # parameters only
     with pytest.raises(MissingSecretKeyError):
         serialize_context(server, secret=True)
@@ -72,86 +71,86 @@ def test_contexts_carry_params_and_only_the_client_has_the_secret_key(keys):
 
 def test_plan_for_default_packing(keys):
     p16 = plan_lanes(INT16, keys[1])
-    assert (p16.lane_bits, p16.lanes_per_slot) == (16 + 12, 2)
+    assert (p16.lane_bits, p16.lanes_per_slot) == (16 + 3, 3)
     p8 = plan_lanes(INT8, keys[1])
-    assert (p8.lane_bits, p8.lanes_per_slot) == (8 + 6, 4)
-    assert p8.values_per_ciphertext == 4 * 4096
+    assert (p8.lane_bits, p8.lanes_per_slot) == (8 + 3, 5)
+    assert p8.values_per_ciphertext == 5 * 4096
 
 
 def test_overflow_prone_settings_stop_with_the_setting_named(keys):
-    with pytest.raises(ValueError, match=r"int16 with max_sites=64 and max_weight=10000 needs 36 bits per lane.*"
-                       r"56 usable bits.*2 lanes of at most 28 bits.*lower max_weight"):
-        plan_lanes(PackingSettings(bits=16, max_sites=64, max_weight=10000, min_lanes_per_slot=2), keys[1])
-    # without the guard it packs one lane per slot: legal, twice the upload
-    assert plan_lanes(PackingSettings(bits=16, max_sites=64, max_weight=10000), keys[1]).lanes_per_slot == 1
-    with pytest.raises(ValueError, match=r"needs 59 bits per lane.*56 usable bits"):
-        plan_lanes(PackingSettings(bits=16, max_sites=4, max_weight=2**40, guard_bits=1), keys[1])
-    with pytest.raises(ValueError, match=r"max_sites=1024 .*plain_modulus_bits <= 53"):
-        plan_lanes(PackingSettings(bits=8, max_sites=1024, max_weight=1), keys[1])
-
-
-def test_integer_weight():
-    assert integer_weight(1234, max_weight=256, examples_per_unit=100) == 12
-    assert integer_weight(0, max_weight=256) == 1
-    assert integer_weight(10**6, max_weight=16, examples_per_unit=10) == 16
-    with pytest.raises(ValueError):
-        integer_weight(10, max_weight=0)
+    with pytest.raises(ValueError, match=r"int16 with max_sites=32 and guard_bits=0 needs 21 bits per lane.*"
+                       r"57 usable bits.*3 lanes of at most 19 bits.*lower max_sites"):
+        plan_lanes(PackingSettings(bits=16, max_sites=32, min_lanes_per_slot=3), keys[1])
+    # without the guard it packs two lanes per slot: legal, 1.5x the upload
+    assert plan_lanes(PackingSettings(bits=16, max_sites=32), keys[1]).lanes_per_slot == 2
+    with pytest.raises(ValueError, match=r"needs 33 bits per lane.*57 usable bits.*2 lanes of at most 28"):
+        plan_lanes(PackingSettings(bits=16, max_sites=8, guard_bits=14, min_lanes_per_slot=2), keys[1])
+    with pytest.raises(ValueError, match=r"max_sites=64 .*\(at most 32\).*plain_modulus_bits <= 57"):
+        plan_lanes(PackingSettings(bits=8, max_sites=64), keys[1])
 
 
 # ------------------------------------------------------------------------------------------ packing
 @pytest.mark.parametrize("settings", [INT16, INT8], ids=["int16", "int8"])
 def test_pack_unpack_roundtrip_without_encryption(keys, settings):
     plan = plan_lanes(settings, keys[1])
-    xs = [rand_ints(10_001, plan.qmax, s) for s in range(3)]
-    ws = [settings.max_weight, 1, 7]
-    slots = sum(pack_lanes(x, plan, w) for x, w in zip(xs, ws))
+    xs = [rand_ints(10_001, plan.qmax, s) for s in range(settings.max_sites)]
+    slots = sum(pack_lanes(x, plan) for x in xs)
     assert int(slots.max()) < plan.plain_modulus
-    got = unpack_lanes(slots, plan, 10_001, sum(ws))
-    assert torch.equal(got, sum(w * x for w, x in zip(ws, xs)))
+    got = unpack_lanes(slots, plan, 10_001, len(xs))
+    assert torch.equal(got, sum(xs))
 
 
 def test_pack_refuses_out_of_range(keys):
     plan = plan_lanes(INT8, keys[1])
     with pytest.raises(ValueError, match="exceed the int8 range"):
-        pack_lanes(torch.tensor([128]), plan, 1)
-    with pytest.raises(ValueError, match="outside 1..max_weight=16"):
-        pack_lanes(torch.tensor([1]), plan, 17)
+        pack_lanes(torch.tensor([128]), plan)
+    with pytest.raises(TypeError, match="1-D integer"):
+        pack_lanes(torch.tensor([1.0]), plan)
 
 
 # ------------------------------------------------------------------------------------- exact sums
 @pytest.mark.parametrize("settings", [INT16, INT8], ids=["int16", "int8"])
-def test_aggregate_decrypts_to_the_exact_weighted_sum(keys, settings):
+def test_aggregate_decrypts_to_the_exact_sum(keys, settings):
     client, server = keys
     plan = plan_lanes(settings, server)
     n = 3 * plan.values_per_ciphertext * settings.ciphertexts_per_chunk + 17  # 4 chunks, last one short
     xs = [rand_ints(n, plan.qmax, 10 + s) for s in range(3)]
-    ws = [3, settings.max_weight, 1]
-    uploads = [encrypt_ints(client, x, plan, w, tag="round 4") for x, w in zip(xs, ws)]
+    uploads = [encrypt_ints(client, x, plan, tag="round 4") for x in xs]
     assert len(uploads[0]) == plan.n_chunks(n) == 4
     agg = add_encrypted(server, uploads, expected_tag="round 4")
     info = read_chunk_info(agg)
     assert info.summed == 3 and info.values == n and info.tag == "round 4"
-    got = decrypt_ints(client, agg, plan, n, sum(ws), expected_tag="round 4")
+    got = decrypt_ints(client, agg, plan, n, 3, expected_tag="round 4")
     assert got.dtype == torch.int64
-    assert torch.equal(got, sum(w * x.to(torch.int64) for w, x in zip(ws, xs)))
+    assert torch.equal(got, sum(x.to(torch.int64) for x in xs))
 
 
 @pytest.mark.parametrize("settings", [INT16, INT8], ids=["int16", "int8"])
 @pytest.mark.parametrize("sign", [1, -1])
-def test_extreme_values_at_max_sites_and_max_weight_do_not_overflow(keys, settings, sign):
+def test_extreme_values_at_max_sites_do_not_overflow(keys, settings, sign):
     client, server = keys
     plan = plan_lanes(settings, server)
     n = plan.values_per_ciphertext
     total = EncryptedSum(server)
     for _ in range(settings.max_sites):
-        total.add(encrypt_ints(client, torch.full((n,), sign * plan.qmax), plan, settings.max_weight), "site")
-    got = decrypt_ints(client, total.result(), plan, n, settings.max_sites * settings.max_weight)
-    assert bool((got == sign * plan.qmax * settings.max_sites * settings.max_weight).all())
+        total.add(encrypt_ints(client, torch.full((n,), sign * plan.qmax), plan), "site")
+    got = decrypt_ints(client, total.result(), plan, n, settings.max_sites)
+    assert bool((got == sign * plan.qmax * settings.max_sites).all())
 
 
-@pytest.mark.parametrize("settings,bound", [(INT16, 1e-4), (INT8, 2e-2)], ids=["int16", "int8"])
-def test_quantized_encrypted_average_is_within_the_documented_bound(keys, settings, bound):
-    """Adapter-shaped diffs (std 1e-3, clip 6 sigma): max error < one step, and relative to max |avg| < bound."""
+def test_noise_room_holds_at_the_largest_provisionable_site_count(keys):
+    """32 sites is the most plain_modulus_bits=58 allows at n=4096: the sum is still exact."""
+    client, server = keys
+    plan = plan_lanes(PackingSettings(bits=8, max_sites=32), server)
+    xs = [rand_ints(plan.values_per_ciphertext, plan.qmax, 50 + s) for s in range(32)]
+    agg = add_encrypted(server, [encrypt_ints(client, x, plan) for x in xs])
+    assert torch.equal(decrypt_ints(client, agg, plan, plan.values_per_ciphertext, 32), sum(xs))
+
+
+@pytest.mark.parametrize("settings,bound", [(INT16, 1e-4), (INT8, 5e-2)], ids=["int16", "int8"])
+def test_quantized_encrypted_weighted_average_is_within_the_documented_bound(keys, settings, bound):
+    """Adapter-shaped diffs (std 1e-3, clip 6 sigma), weights from example counts: max error below the
+    documented bound step * n / sum(a), and relative to max |average| below ``bound``."""
     client, server = keys
     plan = plan_lanes(settings, server)
     clip = 6e-3
@@ -160,18 +159,19 @@ def test_quantized_encrypted_average_is_within_the_documented_bound(keys, settin
     for s in range(3):
         g = torch.Generator().manual_seed(s)
         sites.append({k: torch.randn(shape, generator=g) * 1e-3 for k, shape in shapes.items()})
-    weights = [4, 1, 11]
+    counts = [1200, 800, 1600]
+    weights = [contribution_weight(c, full_weight=1600) for c in counts]
     layout = AdapterLayout.from_tensors(sites[0])
     uploads = []
     for s, (d, w) in enumerate(zip(sites, weights)):
-        q = quantize(d, clip, settings.bits, torch.Generator().manual_seed(100 + s))
-        uploads.append(encrypt_ints(client, layout.flatten(q.ints), plan, w))
+        q = quantize(d, clip, settings.bits, torch.Generator().manual_seed(100 + s), weight=w)
+        uploads.append(encrypt_ints(client, layout.flatten(q.ints), plan))
     agg = add_encrypted(server, uploads)
-    summed = decrypt_ints(client, agg, plan, layout.n_values, sum(weights))
+    summed = decrypt_ints(client, agg, plan, layout.n_values, 3)
     avg = layout.flatten(dequantize(layout.unflatten(summed), clip, settings.bits, sum(weights)))
-    true = sum(w * layout.flatten(d).double() for w, d in zip(weights, sites)) / sum(weights)
+    true = sum(c * layout.flatten(d).double() for c, d in zip(counts, sites)) / sum(counts)
     err = (avg.double() - true).abs().max().item()
-    assert err < step_size(clip, settings.bits)
+    assert err < step_size(clip, settings.bits) * 3 / sum(weights)
     assert err / true.abs().max().item() < bound
 
 
@@ -203,12 +203,18 @@ def test_contribution_from_another_provisioning_is_refused(keys, other_client):
         decrypt_ints(other_client, ours, plan, 100, 1)
 
 
-def test_decoding_with_the_wrong_total_weight_is_refused(keys):
+def test_decoding_with_the_wrong_site_count_is_refused(keys):
     client, server = keys
     plan = plan_lanes(INT8, server)
-    ups = [encrypt_ints(client, torch.full((50,), 127), plan, 1) for _ in range(2)]
-    with pytest.raises(CiphertextError, match="total weight"):
-        decrypt_ints(client, add_encrypted(server, ups), plan, 50, 1)
+    agg = add_encrypted(server, [encrypt_ints(client, torch.full((50,), 127), plan) for _ in range(2)])
+    with pytest.raises(CiphertextError, match="sums 2 contributions, the metadata says 1"):
+        decrypt_ints(client, agg, plan, 50, 1)
+    with pytest.raises(ValueError, match="outside 1..max_sites=8"):
+        decrypt_ints(client, agg, plan, 50, 9)
+    # a header that lies about the count is caught by the lane bound
+    forged = [_reheader(c, summed=1) for c in agg]
+    with pytest.raises(CiphertextError, match="largest sum of 1 contributions"):
+        decrypt_ints(client, forged, plan, 50, 1)
 
 
 # ----------------------------------------------------------------------------------- bad chunks
@@ -217,7 +223,7 @@ def upload(keys):
     client, server = keys
     plan = plan_lanes(INT16, server)
     n = 2 * plan.values_per_ciphertext * INT16.ciphertexts_per_chunk  # 2 full chunks
-    return plan, n, encrypt_ints(client, rand_ints(n, plan.qmax, 3), plan, 2, tag="r1")
+    return plan, n, encrypt_ints(client, rand_ints(n, plan.qmax, 3), plan, tag="r1")
 
 
 def _reheader(chunk: bytes, **changes) -> bytes:
@@ -252,8 +258,8 @@ def test_damaged_contribution_is_refused_and_leaves_the_sum_alone(keys, upload, 
         total.add(corrupt(list(chunks)), "hospital-b")
     assert "hospital-b" in str(err.value)
     total.add(chunks, "hospital-c")
-    got = decrypt_ints(client, total.result(), plan, n, 4, expected_tag="r1")
-    expected = decrypt_ints(client, chunks, plan, n, 2) * 2
+    got = decrypt_ints(client, total.result(), plan, n, 2, expected_tag="r1")
+    expected = decrypt_ints(client, chunks, plan, n, 1) * 2
     assert torch.equal(got, expected)
 
 
@@ -288,11 +294,11 @@ def test_mismatched_settings_between_sites_are_refused(keys, upload):
     total.add(chunks, "hospital-a")
     plan8 = plan_lanes(INT8, server)
     with pytest.raises(CiphertextError, match="hospital-b: .* all sites must run the same job settings"):
-        total.add(encrypt_ints(client, rand_ints(n, 127, 1), plan8, 1, tag="r1"), "hospital-b")
+        total.add(encrypt_ints(client, rand_ints(n, 127, 1), plan8, tag="r1"), "hospital-b")
     with pytest.raises(CiphertextError, match="hospital-b: tagged 'r0', expected 'r1'"):
         EncryptedSum(server, expected_tag="r1").add(encrypt_ints(client, rand_ints(10, 127, 1), plan8, tag="r0"), "hospital-b")
     with pytest.raises(CiphertextError, match="expected 10 values"):
-        decrypt_ints(client, chunks, plan, 10, 2)
+        decrypt_ints(client, chunks, plan, 10, 1)
 
 
 # ------------------------------------------------------------------------------------------ contexts

@@ -5,7 +5,14 @@ import math
 import pytest
 import torch
 
-from hospital_fedlora.quantize import dequantize, qmax, quantize, resolve_clips, step_size
+from hospital_fedlora.quantize import (
+    contribution_weight,
+    dequantize,
+    qmax,
+    quantize,
+    resolve_clips,
+    step_size,
+)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -58,6 +65,33 @@ def test_weighted_average_of_sites_keeps_the_one_step_bound():
     avg = dequantize({"w": summed}, clip, bits, total_weight=total)["w"]
     true = sum(w * s.double() for w, s in zip(weights, sites)) / total
     assert float((avg.double() - true).abs().max()) < step_size(clip, bits)
+
+
+def test_pre_weighted_sites_average_to_the_example_weighted_mean_within_the_bound():
+    """Weights enter before rounding: the plain sum of integers divided by sum(a) is the weighted mean."""
+    clip, bits = 6e-3, 16
+    sites = [torch.randn(50_000, generator=gen(s)) * 1e-3 for s in range(3)]
+    counts = [1200, 300, 1600]
+    a = [contribution_weight(c, full_weight=1600) for c in counts]
+    assert a == [0.75, 0.1875, 1.0]
+    summed = sum(quantize({"w": s}, clip, bits, gen(100 + i), weight=w).ints["w"].to(torch.int64)
+                 for i, (s, w) in enumerate(zip(sites, a)))
+    avg = dequantize({"w": summed}, clip, bits, total_weight=sum(a))["w"]
+    true = sum(c * s.double() for c, s in zip(counts, sites)) / sum(counts)
+    err = float((avg.double() - true).abs().max())
+    assert err < step_size(clip, bits) * len(sites) / sum(a)
+    # the bound is loose: rounding errors average out
+    assert float((avg.double() - true).pow(2).mean().sqrt()) < step_size(clip, bits) / 2
+
+
+def test_contribution_weight():
+    assert contribution_weight(800, full_weight=1600) == 0.5
+    assert contribution_weight(5000, full_weight=1600) == 1.0  # clamped
+    assert 0 < contribution_weight(0, full_weight=1600) <= 1 / 1600
+    with pytest.raises(ValueError, match="full_weight"):
+        contribution_weight(10, full_weight=0)
+    with pytest.raises(ValueError, match="weight must be in \\(0, 1\\]"):
+        quantize({"w": torch.zeros(2)}, 1.0, 8, gen(), weight=2.0)
 
 
 def test_same_seed_same_integers_and_input_untouched():

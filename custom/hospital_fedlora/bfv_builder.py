@@ -5,7 +5,7 @@ In ``provisioning/project.yml``, after ``CertBuilder`` and before ``SignatureBui
     - path: hospital_fedlora.bfv_builder.BFVContextBuilder
       args:
         poly_modulus_degree: 4096   # optional, 4096 or 8192
-        plain_modulus_bits: 57      # optional, 20..60
+        plain_modulus_bits: 58      # optional, 20..60
 
 What it writes (file names in ``hospital_fedlora.packed_bfv``):
 
@@ -52,7 +52,7 @@ from .packed_bfv import (
 
 
 class BFVContextBuilder(Builder):
-    def __init__(self, poly_modulus_degree: int = 4096, plain_modulus_bits: int = 57):
+    def __init__(self, poly_modulus_degree: int = 4096, plain_modulus_bits: int = 58):
         try:
             self.params = BFVParams(poly_modulus_degree=poly_modulus_degree, plain_modulus_bits=plain_modulus_bits)
         except ValidationError as err:
@@ -68,7 +68,7 @@ class BFVContextBuilder(Builder):
         self._context = make_context(self.params)
         try:
             # The noise room must at least cover every client of this project contributing once.
-            plan_lanes(PackingSettings(bits=8, max_sites=n_clients, max_weight=1), self._context)
+            plan_lanes(PackingSettings(bits=8, max_sites=n_clients), self._context)
         except ValueError as err:
             raise ValueError(f"project.yml, BFVContextBuilder: {err}") from None
         self._written = []

@@ -17,28 +17,30 @@ Plain modulus
     symmetric), a ciphertext survives ``67 - plain_modulus_bits`` doublings, i.e. that many bits of
     worst-case noise growth. Summing S contributions costs at most ``log2(S)`` bits, so ``plan_lanes``
     demands ``plain_modulus_bits + ceil(log2(max_sites)) + 9 <= data modulus bits`` (72 at 4096), which
-    keeps 3 bits beyond the worst case measured (and covers asymmetric encryption too). Default 57
-    bits: 56 usable bits per slot (4 int8 lanes of 14 bits or 2 int16 lanes of 28) and up to 64 sites.
-    DESIGN.md's 40-bit prime measured packing without weights; weights need wider lanes (below).
+    keeps 3 bits beyond the worst case measured (and covers asymmetric encryption too). Default 58 bits:
+    57 usable bits per slot, room for up to 32 sites; with ``max_sites`` 8 that is 3 int16 lanes of 19
+    bits or 5 int8 lanes of 11 bits per slot. (DESIGN.md's first measurement used a 40-bit prime: 2 int16
+    or 3-4 int8 per slot.)
 
 Lanes
     A slot holds ``lanes_per_slot`` lanes of ``lane_bits`` bits each: ``slot = sum_j u_j << (j*lane_bits)``.
-    Sums of slots add lane by lane as long as no lane overflows into the next, and the slot value never
-    reaches ``t``. Each site stores ``u = w * (q + qmax)`` for its quantized integer ``q`` in
-    ``[-qmax, qmax]`` and integer weight ``w``: the bias ``qmax`` makes every lane non-negative, so no
-    borrow can cross lanes. A lane's sum is at most ``2 * qmax * W`` where ``W <= max_sites * max_weight``
-    is the total weight, and ``2 * qmax * W < 2**bits * W``, so ``lane_bits = bits + ceil(log2(max_sites
-    * max_weight)) + guard_bits`` can never overflow (the bound is exact, ``guard_bits`` defaults to 0).
-    Sites subtract ``qmax * W`` after decrypting to get ``sum_i w_i * q_i``.
+    Sums of slots add lane by lane as long as no lane overflows into the next and the slot value never
+    reaches ``t``. Each site stores ``u = q + qmax`` for its quantized integer ``q`` in ``[-qmax, qmax]``:
+    the bias makes every lane non-negative, so no borrow can cross lanes. A lane's sum over at most
+    ``max_sites`` contributions is at most ``2 * qmax * max_sites < 2**bits * max_sites``, so
+    ``lane_bits = bits + ceil(log2(max_sites)) + guard_bits`` can never overflow (the bound is exact;
+    ``guard_bits`` defaults to 0). Sites subtract ``qmax * n_sites_summed`` after decrypting.
 
-Weighted averaging: integer weights in the lanes
-    Each site multiplies its quantized integers by its integer weight before packing (the weight is its
-    example count in units of ``examples_per_unit``, clamped to ``1..max_weight``: see
-    ``integer_weight``). The server only adds ciphertexts; the total weight travels in clear metadata
-    and the sites divide by it after decrypting. What the server learns: each site's weight (the example
-    count FLARE reports in the clear anyway), the number of contributions, sizes; never a value. The
-    weighting costs ``log2(max_sites * max_weight)`` bits per lane, which is why weights are coarse:
-    FedAvg does not need example counts to more than a few significant bits.
+Weighted averaging: pre-weighting, not integer weights in the lanes
+    Each site scales its clipped values by its weight factor ``a = min(count, full_weight) / full_weight``
+    before rounding (``quantize.contribution_weight``, ``quantize(..., weight=a)``); the server only adds
+    ciphertexts; ``a`` travels in clear metadata, the server adds those up too, and the sites divide the
+    decrypted sum by ``sum(a)``. The alternative, multiplying the integers by an integer weight inside
+    the lanes, costs ``log2(max_sites * max_weight)`` bits in every lane: with 16-bit integers that
+    means 2 lanes per slot instead of 3, 1.5x the upload, and only coarse weights. Pre-weighting costs
+    precision only when sites' counts are far below ``full_weight`` (error bound ``step * n / sum(a)``
+    instead of ``step``). What the server learns: each site's weight factor (the example count FLARE
+    reports in the clear anyway), the number of contributions and sizes; never a value.
 
 Wire format
     An encrypted vector is a list of chunks; each chunk holds up to ``ciphertexts_per_chunk`` ciphertexts
@@ -105,7 +107,7 @@ class BFVParams(_Strict):
         4096, description="ring dimension: slots per ciphertext; 4096 gives the smallest ciphertexts"
     )
     plain_modulus_bits: int = Field(
-        57, ge=20, le=60, description="size of the batching prime; more bits pack more, but leave less noise room"
+        58, ge=20, le=60, description="size of the batching prime; more bits pack more, but leave less noise room"
     )
 
 
@@ -114,7 +116,6 @@ class PackingSettings(_Strict):
 
     bits: Literal[8, 16] = Field(16, description="quantization: 16 is accurate, 8 is small")
     max_sites: int = Field(8, ge=1, le=4096, description="most contributions ever summed in one round")
-    max_weight: int = Field(256, ge=1, description="largest integer weight of one site")
     guard_bits: int = Field(0, ge=0, le=16, description="extra bits per lane beyond the exact overflow bound")
     min_lanes_per_slot: int = Field(
         1, ge=1, le=16, description="refuse settings that pack fewer integers per slot (guards the upload size)"
@@ -267,7 +268,6 @@ class LanePlan:
     ciphertexts_per_chunk: int
     plain_modulus: int
     max_sites: int
-    max_weight: int
 
     @property
     def values_per_ciphertext(self) -> int:
@@ -291,20 +291,19 @@ def plan_lanes(settings: PackingSettings, context: BFVContext) -> LanePlan:
     """
     t = context.plain_modulus
     usable = t.bit_length() - 1  # 2**usable < t, so a full slot never wraps
-    total_weight = settings.max_sites * settings.max_weight
-    lane_bits = settings.bits + math.ceil(math.log2(total_weight)) + settings.guard_bits
+    site_bits = math.ceil(math.log2(settings.max_sites))
+    lane_bits = settings.bits + site_bits + settings.guard_bits
     lanes = usable // lane_bits
     if lanes < settings.min_lanes_per_slot:
         want = settings.min_lanes_per_slot
         room = f"{want} lanes of at most {usable // want} bits" if want > 1 else f"{usable} bits"
         raise ValueError(
-            f"int{settings.bits} with max_sites={settings.max_sites} and max_weight={settings.max_weight} needs "
+            f"int{settings.bits} with max_sites={settings.max_sites} and guard_bits={settings.guard_bits} needs "
             f"{lane_bits} bits per lane, but the plain modulus has {usable} usable bits per slot "
-            f"(plain_modulus_bits={t.bit_length()}), room for {room} (min_lanes_per_slot={want}); lower max_weight "
-            f"(use a coarser examples_per_unit), lower max_sites or guard_bits, lower min_lanes_per_slot, "
-            f"use bits=8, or re-provision with more plain_modulus_bits"
+            f"(plain_modulus_bits={t.bit_length()}), room for {room} (min_lanes_per_slot={want}); lower "
+            f"max_sites or guard_bits, lower min_lanes_per_slot, use bits=8, or re-provision with more "
+            f"plain_modulus_bits"
         )
-    site_bits = math.ceil(math.log2(settings.max_sites))
     room = context.data_modulus_bits - t.bit_length() - NOISE_RESERVE_BITS
     if site_bits > room:
         most = 2**room if room >= 0 else 0
@@ -323,58 +322,40 @@ def plan_lanes(settings: PackingSettings, context: BFVContext) -> LanePlan:
         ciphertexts_per_chunk=settings.ciphertexts_per_chunk,
         plain_modulus=t,
         max_sites=settings.max_sites,
-        max_weight=settings.max_weight,
     )
 
 
-def integer_weight(example_count: int, max_weight: int, examples_per_unit: int = 1) -> int:
-    """A site's weight for the lanes: its example count in units, rounded, clamped to ``1..max_weight``.
-
-    The caller compares with ``example_count / examples_per_unit`` to log a clamp: a site that needs it
-    has more examples than the job planned for, and counts a little less than its share.
-    """
-    if example_count < 0 or examples_per_unit < 1 or max_weight < 1:
-        raise ValueError(
-            f"integer_weight: need example_count >= 0, examples_per_unit >= 1, max_weight >= 1; got "
-            f"{example_count}, {examples_per_unit}, {max_weight}"
-        )
-    units = (int(example_count) + examples_per_unit // 2) // examples_per_unit
-    return min(max(units, 1), max_weight)
-
-
-def pack_lanes(ints: torch.Tensor, plan: LanePlan, weight: int) -> torch.Tensor:
-    """Weighted, biased, packed slots (int64), zero-padded to whole ciphertexts."""
+def pack_lanes(ints: torch.Tensor, plan: LanePlan) -> torch.Tensor:
+    """Biased, packed slots (int64), zero-padded to whole ciphertexts."""
     if ints.dim() != 1 or ints.is_floating_point() or ints.is_complex():
         raise TypeError(f"pack_lanes: expected a 1-D integer tensor, got {tuple(ints.shape)} {ints.dtype}")
-    if not 1 <= int(weight) <= plan.max_weight:
-        raise ValueError(f"weight {weight} is outside 1..max_weight={plan.max_weight}")
     x = ints.to(torch.int64)
     if x.numel() and int(x.abs().max()) > plan.qmax:
         raise ValueError(f"pack_lanes: values exceed the int{plan.bits} range +-{plan.qmax}; quantize first")
     n_slots = plan.n_ciphertexts(x.numel()) * plan.slots_per_ciphertext
     padded = torch.zeros(n_slots * plan.lanes_per_slot, dtype=torch.int64)
     padded[: x.numel()] = x
-    u = (padded + plan.qmax).mul_(int(weight)).view(n_slots, plan.lanes_per_slot)
+    u = padded.add_(plan.qmax).view(n_slots, plan.lanes_per_slot)
     shifts = torch.arange(plan.lanes_per_slot, dtype=torch.int64) * plan.lane_bits
     return (u << shifts).sum(dim=1)
 
 
-def unpack_lanes(slots: torch.Tensor, plan: LanePlan, n_values: int, total_weight: int) -> torch.Tensor:
-    """``sum_i w_i * q_i`` (int64) from decrypted slots; refuses lanes no honest sum can produce."""
+def unpack_lanes(slots: torch.Tensor, plan: LanePlan, n_values: int, n_sites_summed: int) -> torch.Tensor:
+    """``sum_i q_i`` (int64) from decrypted slots; refuses lanes no honest sum can produce."""
     mask = (1 << plan.lane_bits) - 1
     shifts = torch.arange(plan.lanes_per_slot, dtype=torch.int64) * plan.lane_bits
     if bool((slots >> (plan.lanes_per_slot * plan.lane_bits)).any()) or bool((slots < 0).any()):
         raise CiphertextError(_garbage_msg("bits above the last lane are set"))
     lanes = (slots.unsqueeze(1) >> shifts) & mask
-    if bool((lanes > 2 * plan.qmax * total_weight).any()):
-        raise CiphertextError(_garbage_msg(f"a lane exceeds the largest sum possible with total weight {total_weight}"))
-    return lanes.reshape(-1)[:n_values] - plan.qmax * total_weight
+    if bool((lanes > 2 * plan.qmax * n_sites_summed).any()):
+        raise CiphertextError(_garbage_msg(f"a lane exceeds the largest sum of {n_sites_summed} contributions"))
+    return lanes.reshape(-1)[:n_values] - plan.qmax * n_sites_summed
 
 
 def _garbage_msg(why: str) -> str:
     return (
         f"decrypted values are impossible ({why}): the aggregate was encrypted under another key (a kit from "
-        "another provisioning), corrupted, or the total weight in the metadata is wrong"
+        "another provisioning), corrupted, or the number of contributions it sums is wrong"
     )
 
 
@@ -395,10 +376,8 @@ class ChunkInfo:
     nbytes: int
 
 
-def encrypt_ints(
-    context: BFVContext, ints: torch.Tensor, plan: LanePlan, weight: int = 1, tag: str = ""
-) -> list[bytes]:
-    """Weight, pack and encrypt a flat integer vector (values within ``+-qmax``) into serialized chunks."""
+def encrypt_ints(context: BFVContext, ints: torch.Tensor, plan: LanePlan, tag: str = "") -> list[bytes]:
+    """Pack and encrypt a flat integer vector (values within ``+-qmax``) into serialized chunks."""
     if not context.has_secret_key:
         raise MissingSecretKeyError(
             "this BFV context holds no secret key, so it cannot encrypt: encrypting is done at the hospitals "
@@ -406,7 +385,7 @@ def encrypt_ints(
         )
     if ints.numel() == 0:
         raise ValueError("encrypt_ints: nothing to encrypt (empty vector)")
-    slots = pack_lanes(ints, plan, weight)
+    slots = pack_lanes(ints, plan)
     n, k = plan.slots_per_ciphertext, plan.ciphertexts_per_chunk
     n_ct = slots.numel() // n
     n_chunks = -(-n_ct // k)
@@ -498,20 +477,20 @@ def decrypt_ints(
     chunks: Sequence[bytes],
     plan: LanePlan,
     n_values: int,
-    total_weight: int,
+    n_sites_summed: int,
     expected_tag: str | None = None,
     source: str = "encrypted aggregate",
 ) -> torch.Tensor:
-    """``sum_i w_i * q_i`` as int64 from (summed) chunks; divide by ``total_weight`` to get the average."""
+    """``sum_i q_i`` as int64 from (summed) chunks; ``quantize.dequantize`` turns it into the average."""
     if not context.has_secret_key:
         raise MissingSecretKeyError(
             f"{source}: this BFV context holds no secret key, so it cannot decrypt (the server's kit never "
             f"has one); decrypt at a hospital with {CLIENT_CONTEXT_FILE}"
         )
-    if not 1 <= int(total_weight) <= plan.max_sites * plan.max_weight:
+    if not 1 <= int(n_sites_summed) <= plan.max_sites:
         raise ValueError(
-            f"{source}: total weight {total_weight} is outside 1..max_sites*max_weight="
-            f"{plan.max_sites * plan.max_weight}; the lanes could have overflowed, refusing to decode"
+            f"{source}: sums {n_sites_summed} contributions, outside 1..max_sites={plan.max_sites}; "
+            "the lanes could have overflowed, refusing to decode"
         )
     info, payloads = _parse_chunks(chunks, source)
     if info.key_id != context.key_id:
@@ -526,15 +505,17 @@ def decrypt_ints(
         )
     if expected_tag is not None and info.tag != expected_tag:
         raise CiphertextError(f"{source}: tagged {info.tag!r}, expected {expected_tag!r}")
-    if info.summed > plan.max_sites:
-        raise CiphertextError(f"{source}: sums {info.summed} contributions, more than max_sites={plan.max_sites}")
+    if info.summed != n_sites_summed:
+        raise CiphertextError(
+            f"{source}: its header says it sums {info.summed} contributions, the metadata says {n_sites_summed}"
+        )
     _check_ciphertext_count(info, context.poly_modulus_degree, source)
     parts = []
     for c, payload in enumerate(payloads):
         vec = _load_vector(context, payload, source, c, info.ciphertexts[c])
         parts.append(torch.tensor(vec.decrypt(), dtype=torch.int64))
     slots = torch.cat(parts) % plan.plain_modulus  # SEAL returns slots centred around 0
-    return unpack_lanes(slots, plan, n_values, int(total_weight))
+    return unpack_lanes(slots, plan, n_values, int(n_sites_summed))
 
 
 def _check_ciphertext_count(info: ChunkInfo, poly_modulus_degree: int, source: str) -> None:

@@ -13,6 +13,14 @@ its standard deviation is at most ``step / 2`` divided by the square root of the
 sites. Clipping itself is biased, so the count of clipped values is reported for the filter to log: a
 clip bound that cuts many values is set too low for the data.
 
+Weighted averaging enters here, before rounding: a site multiplies its clipped values by its weight
+factor ``a = min(example_count, full_weight) / full_weight`` (``contribution_weight``), so the integers
+of all sites can simply be added and the sum divided by ``sum(a)``. This costs no lane bits in the
+encrypted packing (see ``packed_bfv``), at a bounded price in precision: the average's error is at most
+``step * n_sites / sum(a)``, i.e. one step when every site has ``a = 1`` and proportionally more when
+the sites' example counts are far below ``full_weight`` (so set ``full_weight`` near the example count
+of a typical large site, not far above it).
+
 Pure torch, no FLARE types, no numpy.
 """
 
@@ -84,14 +92,34 @@ class Quantized:
     n_values: int
 
 
+def contribution_weight(example_count: float, full_weight: float) -> float:
+    """A site's weight factor in ``(0, 1]``: its example count relative to the job's ``full_weight``.
+
+    Counts above ``full_weight`` are clamped to it (the caller logs that: that site then counts a little
+    less than its share); a count of 0 still gets the smallest positive weight so the sums stay valid.
+    """
+    if not full_weight > 0 or not math.isfinite(full_weight):
+        raise ValueError(f"full_weight must be a positive number of examples, got {full_weight!r}")
+    if example_count < 0 or not math.isfinite(example_count):
+        raise ValueError(f"example_count must be a non-negative number, got {example_count!r}")
+    return max(min(float(example_count), full_weight), min(1.0, full_weight)) / full_weight
+
+
 def quantize(
-    tensors: Mapping[str, torch.Tensor], clip: ClipSpec, bits: int, generator: torch.Generator
+    tensors: Mapping[str, torch.Tensor],
+    clip: ClipSpec,
+    bits: int,
+    generator: torch.Generator,
+    weight: float = 1.0,
 ) -> Quantized:
-    """Clip, scale and stochastically round every tensor to signed ``bits``-bit integers.
+    """Clip, weight, scale and stochastically round every tensor to signed ``bits``-bit integers.
 
     ``generator`` (a seeded CPU ``torch.Generator``) drives the rounding, so a site can reproduce its
     own contribution; give each site and round its own seed so the rounding noise is independent.
+    ``weight`` in ``(0, 1]`` is the site's ``contribution_weight``; clipping applies before it.
     """
+    if not 0 < weight <= 1:
+        raise ValueError(f"quantize: weight must be in (0, 1] (use contribution_weight), got {weight!r}")
     q = qmax(bits)
     dtype = _INT_DTYPES[bits]
     clips = resolve_clips(list(tensors), clip)
@@ -107,7 +135,7 @@ def quantize(
         n_clipped += int((x.abs() > bound).sum())
         n_values += x.numel()
         # float64 keeps x/step exact enough that the rounding probability is the true fractional part.
-        y = x.clamp_(-bound, bound).mul_(q / bound)
+        y = x.clamp_(-bound, bound).mul_(weight * q / bound)
         low = torch.floor(y)
         up = torch.rand(y.shape, generator=generator, dtype=torch.float64) < (y - low)
         ints[name] = (low + up).clamp_(-q, q).to(dtype)
@@ -119,8 +147,8 @@ def dequantize(
 ) -> dict[str, torch.Tensor]:
     """float32 tensors ``ints * step / total_weight``.
 
-    ``ints`` may be one site's integers or a weighted sum over sites (int64); ``total_weight`` then turns
-    the sum into the weighted average.
+    ``ints`` may be one site's integers or the sum over sites (int64); ``total_weight`` (the sum of the
+    sites' ``contribution_weight``) then turns the sum into the weighted average.
     """
     if not total_weight > 0:
         raise ValueError(f"dequantize: total_weight must be positive, got {total_weight!r}")
