@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from .config import ConfigError, LoraSettings
 
@@ -54,13 +54,23 @@ def check_causal_lm_folder(path: Path, source: str = "site config") -> None:
     if not config_file.is_file():
         raise ConfigError(f"{where}: no config.json; this is not a Hugging Face model folder")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{where}: config.json is not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: config.json holds a {type(config).__name__}, not a model configuration object")
+    model_type = config.get("model_type")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(
             f"{where}: model_type {model_type!r} is not a causal language model "
             "(expected e.g. llama, mistral, qwen2)"
+        )
+    # BERT-like encoders are in the causal-LM mapping too (a decoder head exists for them), but a checkpoint
+    # trained as a masked-LM encoder cannot generate text; only one configured as a decoder is causal.
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder", False):
+        raise ConfigError(
+            f"{where}: model_type {model_type!r} is an encoder (masked language model), not a causal "
+            "language model; point it at a decoder-only checkpoint such as llama, mistral or qwen2"
         )
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise ConfigError(f"{where}: no tokenizer files next to the weights; stage the tokenizer with the model")
