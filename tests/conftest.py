@@ -1,0 +1,30 @@
+"""Shared fixtures: the offline base model and the three hospitals' data under the repo's workspace/.
+
+`make test` builds both first (`make base-model data`); a direct `pytest` builds whatever is missing here,
+with the same seeds and functions, so both ways test the same artefacts.
+"""
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKSPACE = REPO_ROOT / "workspace"
+
+
+@pytest.fixture(scope="session")
+def base_model_dir() -> Path:
+    from hospital_fedlora.base_model import build_base_model
+
+    # Returns at once when the folder already holds a complete model.
+    return build_base_model(WORKSPACE / "base_model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    from hospital_fedlora.synthetic_notes import SITES, SPLITS, write_federation_data
+
+    out = WORKSPACE / "data"
+    if not all((out / site / f"{split}.jsonl").is_file() for site in SITES for split in SPLITS):
+        write_federation_data(out, seed=0)
+    return out

@@ -1,0 +1,129 @@
+"""The offline base model: reproducible, atomic, an ordinary HF Llama folder, and not already solving the tasks."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+from hospital_fedlora.base_model import BUILD_INFO, REQUIRED_FILES, build_base_model, is_complete_model
+from hospital_fedlora.dataset import SupervisedDataset, collate_batch
+from hospital_fedlora.synthetic_notes import generate_site_records
+
+# A build small enough for a test: seconds, not minutes.
+TINY = dict(corpus_docs=150, vocab_size=600, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+            block_size=32, batch_size=4, warmup_steps=1)
+
+
+def _tiny(path, seed=0, steps=3):
+    return build_base_model(path, seed=seed, pretrain_steps=steps, log=None, **TINY)
+
+
+def test_same_seed_gives_identical_weights_and_tokenizer(tmp_path):
+    a, b, c = _tiny(tmp_path / "a"), _tiny(tmp_path / "b"), _tiny(tmp_path / "c", seed=1)
+    wa, wb, wc = (load_file(p / "model.safetensors") for p in (a, b, c))
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not all(torch.equal(wa[k], wc[k]) for k in wa)
+    assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
+    info_a, info_b = (json.loads((p / BUILD_INFO).read_text()) for p in (a, b))
+    assert info_a["final_pretrain_loss"] == info_b["final_pretrain_loss"]
+
+
+def test_folder_is_a_complete_hf_llama_with_build_info(tmp_path):
+    out = _tiny(tmp_path / "model", steps=4)
+    assert is_complete_model(out)
+    for name in REQUIRED_FILES:
+        assert (out / name).is_file()
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert isinstance(model, LlamaForCausalLM)
+    assert model.config.vocab_size == len(tok)
+    info = json.loads((out / BUILD_INFO).read_text())
+    assert info["spec"]["seed"] == 0 and info["spec"]["pretrain_steps"] == 4
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert info["final_pretrain_loss"] > 0
+
+
+def test_existing_complete_model_is_kept_unless_overwrite(tmp_path):
+    out = _tiny(tmp_path / "model", seed=0)
+    before = (out / "model.safetensors").read_bytes()
+    _tiny(out, seed=1)  # complete already: untouched
+    assert (out / "model.safetensors").read_bytes() == before
+    build_base_model(out, seed=1, pretrain_steps=3, overwrite=True, log=None, **TINY)
+    assert (out / "model.safetensors").read_bytes() != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or old folders left
+
+
+def test_failed_build_leaves_no_half_built_folder(tmp_path):
+    # A corpus too small for one block fails after the tokenizer is trained, inside the staging folder.
+    with pytest.raises(ValueError, match="corpus too small"):
+        build_base_model(tmp_path / "model", pretrain_steps=1, log=None, **{**TINY, "corpus_docs": 1, "block_size": 500})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rebuild_keeps_the_old_model(tmp_path):
+    out = _tiny(tmp_path / "model")
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError):
+        build_base_model(out, pretrain_steps=1, overwrite=True, log=None, **{**TINY, "corpus_docs": 1, "block_size": 500})
+    assert (out / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_cli_is_a_no_op_on_a_complete_model(tmp_path):
+    out = _tiny(tmp_path / "model")
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    result = subprocess.run(
+        [sys.executable, "-m", "hospital_fedlora.base_model", "--out", str(out)],
+        capture_output=True, text=True, check=True,
+    )
+    assert "already holds a complete base model" in result.stdout
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+# ----------------------------------------------------------------------------- the workspace's real model
+def test_tokenizer_behaves_like_llamas(base_model_dir):
+    tok = AutoTokenizer.from_pretrained(base_model_dir, local_files_only=True)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<s>", "</s>", "<pad>")
+    assert len({tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}) == 3
+    ids = tok("Obs HR 118 BP 90/60 T 38.2 SpO2 91.")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[-1] != tok.eos_token_id
+    assert tok.decode(ids, skip_special_tokens=True) == "Obs HR 118 BP 90/60 T 38.2 SpO2 91."
+
+
+def test_pretraining_learned_the_language(base_model_dir):
+    info = json.loads((base_model_dir / BUILD_INFO).read_text())
+    assert info["final_pretrain_loss"] < info["initial_pretrain_loss"] / 4
+
+
+def test_lora_has_something_to_learn(base_model_dir):
+    """The base model does not solve the tasks, and a few plain peft LoRA steps lower the response loss."""
+    from peft import LoraConfig, get_peft_model
+
+    tok = AutoTokenizer.from_pretrained(base_model_dir, local_files_only=True)
+    records = generate_site_records("hospital-c", 120 + 24, seed=0)
+    train = SupervisedDataset(records[:120], tok, 256)
+    val = collate_batch(list(SupervisedDataset(records[120:], tok, 256)), tok.pad_token_id)
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_model_dir, local_files_only=True)
+    with torch.no_grad():
+        base_loss = model(**val).loss.item()
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    optim = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(15):
+        batch = collate_batch([train[i] for i in torch.randint(len(train), (8,), generator=gen).tolist()], tok.pad_token_id)
+        model(**batch).loss.backward()
+        optim.step()
+        optim.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        tuned_loss = model(**val).loss.item()
+    assert base_loss > 3.0  # not already solved by pre-training
+    assert tuned_loss < base_loss - 0.3
