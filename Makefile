@@ -31,7 +31,7 @@ $(WORK)/data/hospital-a/train.jsonl: | $(VENV)/.installed
 	$(PY) -m hospital_fedlora.synthetic_notes --out $(WORK)/data
 
 demo-sim: base-model data
-	$(PY) -m hospital_fedlora.demo --mode simulator --workspace $(WORK)
+	$(PY) -m hospital_fedlora.demo --workspace $(WORK)
 
 demo: demo-sim
 
