@@ -68,6 +68,7 @@ def save_peft_adapter(out_dir: Path, state: Mapping[str, np.ndarray], adapter_co
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the adapter is an ordinary folder others may serve from
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS_FILE))
         (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         old = out_dir.with_name(f".{out_dir.name}.old")
