@@ -1,7 +1,6 @@
 """The plaintext job, end to end, in the real FLARE simulator with three hospitals."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,25 +9,14 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from hospital_fedlora.demo import final_comparison, round_table, run_simulator
+from hospital_fedlora.demo import derive_job, final_comparison, round_table, run_simulator
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 
 
 def shrink_job(tmp_path: Path, rounds: int, steps: int) -> Path:
-    """The committed job with fewer rounds and steps, so the test stays short."""
-    job = tmp_path / "fedlora_plain"
-    shutil.copytree(REPO / "jobs" / "fedlora_plain", job)
-    server = job / "app/config/config_fed_server.json"
-    cfg = json.loads(server.read_text())
-    next(w for w in cfg["workflows"] if w["id"] == "scatter_and_gather")["args"]["num_rounds"] = rounds
-    server.write_text(json.dumps(cfg))
-    client = job / "app/config/config_fed_client.json"
-    cfg = json.loads(client.read_text())
-    cfg["executors"][0]["executor"]["args"]["recipe"]["local_steps"] = steps
-    client.write_text(json.dumps(cfg))
-    return job
+    return derive_job(REPO / "jobs" / "fedlora_plain", tmp_path, num_rounds=rounds, local_steps=steps)
 
 
 @pytest.fixture(scope="module")

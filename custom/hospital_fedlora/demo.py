@@ -29,6 +29,23 @@ SITES = ("hospital-a", "hospital-b", "hospital-c")
 _LIVE = re.compile(r"Round \d+ started|Round \d+ finished|step \d+/\d+|done: train loss|final validation loss|rejected|ERROR")
 
 
+def derive_job(job_dir: Path, dst: Path, num_rounds: int | None = None, local_steps: int | None = None) -> Path:
+    """A copy of ``job_dir`` under ``dst`` with fewer rounds or steps (tests, benchmarks, quick looks)."""
+    job = dst / job_dir.name
+    shutil.copytree(job_dir, job)
+    server = job / "app/config/config_fed_server.json"
+    cfg = json.loads(server.read_text())
+    if num_rounds is not None:
+        next(w for w in cfg["workflows"] if "num_rounds" in w["args"])["args"]["num_rounds"] = num_rounds
+    server.write_text(json.dumps(cfg, indent=2))
+    client = job / "app/config/config_fed_client.json"
+    cfg = json.loads(client.read_text())
+    if local_steps is not None:
+        cfg["executors"][0]["executor"]["args"]["recipe"]["local_steps"] = local_steps
+    client.write_text(json.dumps(cfg, indent=2))
+    return job
+
+
 def run_simulator(job_dir: Path, workspace: Path, sites=SITES, show=print) -> Path:
     """Run ``job_dir`` in the simulator; return the server's run folder."""
     if workspace.exists():

@@ -15,6 +15,7 @@ only carries the training recipe.
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from pathlib import Path
 
@@ -181,6 +182,7 @@ class LoraExecutor(Executor):
         return DXO(DataKind.WEIGHTS, data=ad.get_adapter_state(self.trainer.model), meta=meta).to_shareable()
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        started = time.perf_counter()
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND)
         total = shareable.get_header(AppConstants.NUM_ROUNDS)
         global_state = self._received_adapter(shareable, fl_ctx)
@@ -212,6 +214,9 @@ class LoraExecutor(Executor):
             f"{val_global:.4f} -> {val_local:.4f}",
         )
         diff = ad.subtract(ad.get_adapter_state(t.model), global_state)
+        # Whole task at the site (set adapter, evaluate, train, evaluate, diff): the rest of a round's wall
+        # time is FLARE's (messaging, filters, aggregation, persistence).
+        metrics["task_seconds"] = time.perf_counter() - started
         meta = {
             # FLARE's aggregators read this key as the contribution's weight: here, the example count.
             MetaKey.NUM_STEPS_CURRENT_ROUND: t.num_train_examples,
