@@ -108,6 +108,7 @@ class LocalFederation:
         self.token = uuid.uuid4().hex
         self.session = None
         self._pgids: list[int] = []
+        self._console_offsets: dict[Path, int] = {}
         self._num_rounds: dict[str, int | None] = {}
         self._old_handlers: dict = {}
         self._deferring = False
@@ -148,7 +149,9 @@ class LocalFederation:
         env[MARKER_VAR] = self.token
         # start.sh runs `python3` from PATH: the interpreter running this code has the package installed.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        with open(kit / "console.txt", "ab") as console:
+        console_file = kit / "console.txt"
+        self._console_offsets[kit] = console_file.stat().st_size if console_file.exists() else 0
+        with open(console_file, "ab") as console:
             proc = subprocess.Popen(
                 ["bash", str(kit / "startup" / "start.sh")],
                 cwd=kit,
@@ -245,7 +248,8 @@ class LocalFederation:
                 break
             if timeout and time.monotonic() - start > timeout:
                 raise FederationError(f"job {job_id} still {status} after {timeout:.0f} s")
-            self._check_alive(self.kits.server)
+            for kit in [self.kits.server, *self.clients.values()]:
+                self._check_alive(kit)
             time.sleep(poll_interval)
         report(Progress(job_id, "done", status, time.monotonic() - start, num_rounds=num_rounds))
         if status != "FINISHED:COMPLETED":
@@ -342,14 +346,19 @@ class LocalFederation:
 
     # ------------------------------------------------------------------------------------------ helpers
     def _check_alive(self, kit: Path) -> None:
-        """Fail fast, with its log, when a kit's processes have all exited."""
+        """Fail fast, with its logs, when a kit's processes have exited or its watchdog keeps restarting it."""
         alive = [pid for pid in self.processes() if _belongs_to(pid, kit)]
         if not alive:
-            tail = []
-            for log in (kit / "console.txt", kit / "log.txt"):
-                if log.is_file():
-                    tail += [f"{log.name}: {line}" for line in log.read_text(errors="replace").splitlines()[-12:]]
-            raise FederationError(f"{kit.name} is not running any more; last lines of its logs:\n" + "\n".join(tail))
+            raise FederationError(f"{kit.name} is not running any more; last lines of its logs:\n{_log_tails(kit)}")
+        # sub_start.sh prints "new pid N" for every (re)start of the FLARE process; a second one while
+        # starting up means FLARE exited, e.g. on a tampered kit or a port in use.
+        console = kit / "console.txt"
+        if console.is_file():
+            with open(console, "rb") as f:
+                f.seek(self._console_offsets.get(kit, 0))
+                starts = f.read().count(b"new pid ")
+            if starts >= 2:
+                raise FederationError(f"{kit.name} keeps exiting after start; last lines of its logs:\n{_log_tails(kit)}")
 
     def _install_signal_handler(self) -> None:
         """SIGTERM and Ctrl-C unwind through ``__exit__``/``finally``, which call ``stop()``."""
@@ -410,6 +419,14 @@ def find_marked_processes(token: str) -> list[int]:
         if state not in (b"Z", b"X"):
             found.append(pid)
     return found
+
+
+def _log_tails(kit: Path, lines: int = 12) -> str:
+    tail = []
+    for log in (kit / "console.txt", kit / "log.txt"):
+        if log.is_file():
+            tail += [f"  {log.name}: {line}" for line in log.read_text(errors="replace").splitlines()[-lines:]]
+    return "\n".join(tail)
 
 
 def _clear_stale_pid_files(kit: Path) -> None:
