@@ -1,30 +1,48 @@
-"""Hands the final global adapter to FLARE's ``GlobalModelEval`` so every site scores it on its own data."""
+"""Hands the final global adapter to FLARE's ``GlobalModelEval`` so every site scores it on its own data.
+
+Plaintext job: the persistor's adapter goes out as ``DXO(WEIGHTS)``. Encrypted job: the server has no
+adapter, only the encrypted log; with ``shareable_generator_id`` the DXO is built by that generator
+(``EncryptedLogGenerator(whole_log=true)``: every round, so each hospital can rebuild the final adapter
+with its own key). The model keeps one name in both jobs, so results read the same.
+"""
 
 from __future__ import annotations
 
-from nvflare.apis.dxo import DXO
+from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import model_learnable_to_dxo
 from nvflare.app_common.abstract.model_locator import ModelLocator
+from nvflare.app_common.abstract.model_persistor import ModelPersistor
+from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
 
-from .adapter_persistor import GLOBAL_ADAPTER_DIR, AdapterPersistor
+from .adapter_persistor import GLOBAL_ADAPTER_DIR
 
 
 class AdapterLocator(ModelLocator):
-    def __init__(self, persistor_id: str = "persistor"):
+    def __init__(self, persistor_id: str = "persistor", shareable_generator_id: str = ""):
         super().__init__()
         self.persistor_id = persistor_id
-        self.persistor: AdapterPersistor | None = None
+        self.shareable_generator_id = shareable_generator_id
+        self.persistor: ModelPersistor | None = None
+        self.generator: ShareableGenerator | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
-            self.persistor = fl_ctx.get_engine().get_component(self.persistor_id)
-            if not isinstance(self.persistor, AdapterPersistor):
-                self.system_panic(f"component {self.persistor_id!r} must be an AdapterPersistor", fl_ctx)
+            engine = fl_ctx.get_engine()
+            self.persistor = engine.get_component(self.persistor_id)
+            if not isinstance(self.persistor, ModelPersistor):
+                self.system_panic(f"component {self.persistor_id!r} must be a ModelPersistor", fl_ctx)
+            if self.shareable_generator_id:
+                self.generator = engine.get_component(self.shareable_generator_id)
+                if not isinstance(self.generator, ShareableGenerator):
+                    self.system_panic(f"component {self.shareable_generator_id!r} must be a ShareableGenerator", fl_ctx)
 
     def get_model_names(self, fl_ctx: FLContext) -> list[str]:
         return [GLOBAL_ADAPTER_DIR]
 
     def locate_model(self, model_name: str, fl_ctx: FLContext) -> DXO:
-        return model_learnable_to_dxo(self.persistor.get_model_from_location(model_name, fl_ctx))
+        learnable = self.persistor.get_model_from_location(model_name, fl_ctx)
+        if self.generator is not None:
+            return from_shareable(self.generator.learnable_to_shareable(learnable, fl_ctx))
+        return model_learnable_to_dxo(learnable)

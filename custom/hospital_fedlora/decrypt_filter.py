@@ -1,0 +1,109 @@
+"""Task-data filter at the hospital: rebuilds the global adapter from the server's encrypted log.
+
+The server sends log entries (``PACKED_BFV_ADAPTER_LOG``), usually only the latest round's aggregate,
+more when some site missed rounds, the whole log for the final evaluation. For each entry this filter
+checks its SHA-256, skips it if this site applied it already, refuses to skip ahead over a round it
+lacks, then decrypts, unpacks, divides by the round's total weight, dequantizes and adds the round's
+average change to the site's cumulative change. The DXO handed to the executor is that cumulative change,
+``WEIGHT_DIFF`` relative to the seeded initial adapter every site creates identically (an empty dict
+before the first round), so every site ends up with the same global adapter.
+
+State lives for one job in this process: the cumulative change and the rounds applied. A batch of
+entries is applied all or nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+
+from .adapter_layout import AdapterLayout
+from .encrypted_log import PACKED_BFV_ADAPTER_LOG, LogEntry, LogError, round_tag
+from .lora_executor import INITIAL_ADAPTER, RELATIVE_TO
+from .packed_bfv import decrypt_ints
+from .quantize import dequantize
+from .site_encryption import SiteEncryption, find_site_encryption
+
+APPLIED_ROUNDS = "applied_rounds"
+
+
+class DecryptFilter(DXOFilter):
+    def __init__(self, encryption_id: str = "site_encryption"):
+        super().__init__(supported_data_kinds=[PACKED_BFV_ADAPTER_LOG], data_kinds_to_filter=[PACKED_BFV_ADAPTER_LOG])
+        self.encryption_id = encryption_id
+        self.encryption: SiteEncryption | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.change: dict[str, torch.Tensor] = {}  # float64 sum of the applied rounds' averages
+        self.applied: list[int] = []
+        self.layout: AdapterLayout | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type in (EventType.START_RUN, EventType.END_RUN):
+            self.reset()
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        site = fl_ctx.get_identity_name() or "this site"
+        if self.encryption is None:
+            self.encryption = find_site_encryption(fl_ctx, self.encryption_id)
+        enc = self.encryption.ready(fl_ctx)
+        raw = dxo.data.get("entries")
+        if not isinstance(raw, list):
+            raise LogError(f"{site}: the server's log message has no list of 'entries'")
+        entries = [LogEntry.from_dict(d, source=f"{site}: log entry {i} from the server") for i, d in enumerate(raw)]
+        for e in entries:
+            e.verify(f"{site}: log entry for round {e.round}")
+        entries.sort(key=lambda e: e.round)
+        rounds = [e.round for e in entries]
+        if len(set(rounds)) != len(rounds):
+            raise LogError(f"{site}: the server sent round(s) more than once: {rounds}")
+        new = [e for e in entries if e.round not in self.applied]
+        expected = self.applied[-1] + 1 if self.applied else 0
+        lacking = sorted(set(range(expected, new[-1].round + 1)) - set(rounds)) if new else []
+        if lacking or (new and new[0].round < expected):
+            raise LogError(
+                f"{site}: cannot apply the log: it has applied rounds {_span(self.applied)}, the server sent rounds "
+                f"{_span(rounds)}, so rounds {lacking or [new[0].round]} are missing or out of order. The global "
+                "adapter is the sum of every round: the server must send the log from the first round this site lacks"
+            )
+        change, layout = self._add(new, enc, site, fl_ctx)
+        self.change, self.layout = change, layout
+        self.applied += [e.round for e in new]
+        if new:
+            self.log_info(
+                fl_ctx,
+                f"{site}: applied round(s) {[e.round for e in new]} of the encrypted log "
+                f"({len(entries) - len(new)} received entries already applied); rounds applied: {_span(self.applied)}",
+            )
+        data = {k: v.to(torch.float32).numpy() for k, v in self.change.items()}
+        return DXO(DataKind.WEIGHT_DIFF, data=data, meta={RELATIVE_TO: INITIAL_ADAPTER, APPLIED_ROUNDS: list(self.applied)})
+
+    def _add(self, entries: list[LogEntry], enc: SiteEncryption, site: str, fl_ctx: FLContext):
+        """The cumulative change with ``entries`` added; nothing is kept if any of them fails."""
+        change = {k: v.clone() for k, v in self.change.items()}
+        layout = self.layout
+        s, plan = enc.settings, enc.plan
+        for e in entries:
+            source = f"{site}: round {e.round} aggregate"
+            this = AdapterLayout.from_manifest(list(e.layout), source=source)
+            if layout is not None and this != layout:
+                raise LogError(f"{source}: its adapter layout {this.fingerprint()} differs from earlier rounds' {layout.fingerprint()}")
+            layout = this
+            sums = decrypt_ints(enc.context, list(e.chunks), plan, e.n_values, e.n_sites, round_tag(e.round), source)
+            average = dequantize(layout.unflatten(sums, source=source), s.clip, plan.bits, e.total_weight)
+            for k, v in average.items():
+                change[k] = change[k] + v.double() if k in change else v.double()
+        return change, layout
+
+
+def _span(rounds: list[int]) -> str:
+    if not rounds:
+        return "none"
+    if rounds == list(range(rounds[0], rounds[-1] + 1)) and len(rounds) > 2:
+        return f"{rounds[0]}..{rounds[-1]}"
+    return str(rounds)

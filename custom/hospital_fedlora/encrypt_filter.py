@@ -1,0 +1,101 @@
+"""Task-result filter at the hospital: the adapter change leaves the site only as packed BFV ciphertexts.
+
+On ``train`` results (``WEIGHT_DIFF`` with the example count in ``NUM_STEPS_CURRENT_ROUND``) it clips the
+change to the job's bound, scales it by the site's weight factor, rounds it stochastically to int8/int16
+with the scale every site shares, packs several integers per slot and encrypts them with the hospital's
+key (``SiteEncryption``, by id). The result replaces the DXO: kind ``PACKED_BFV_WEIGHT_DIFF``, data
+``{"chunks": [bytes, ...]}``. In the clear, for the server's checks and round log: the example count and
+weight factor, the adapter layout (the LoRA configuration: names and shapes), the value count, the
+site's training metrics (losses) and the adapter config. Nothing else of the executor's metadata is
+passed on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+
+from .adapter_layout import AdapterLayout
+from .encrypted_log import PACKED_BFV_WEIGHT_DIFF, round_tag
+from .packed_bfv import encrypt_ints
+from .quantize import contribution_weight, quantize
+from .site_encryption import SiteEncryption, find_site_encryption
+
+PASSED_THROUGH_META = ("metrics", "adapter_config")
+
+
+class EncryptFilter(DXOFilter):
+    def __init__(self, encryption_id: str = "site_encryption"):
+        super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF], data_kinds_to_filter=[DataKind.WEIGHT_DIFF])
+        self.encryption_id = encryption_id
+        self.encryption: SiteEncryption | None = None
+        self._task_round: int | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.BEFORE_TASK_EXECUTION:
+            # The result carries no round; the task it answers does (the ciphertexts are tagged with it).
+            task = fl_ctx.get_prop(FLContextKey.TASK_DATA)
+            self._task_round = task.get_header(AppConstants.CURRENT_ROUND) if isinstance(task, Shareable) else None
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        site = fl_ctx.get_identity_name() or "this site"
+        if self.encryption is None:
+            self.encryption = find_site_encryption(fl_ctx, self.encryption_id)
+        enc = self.encryption.ready(fl_ctx)
+        rnd = shareable.get_header(AppConstants.CURRENT_ROUND, self._task_round)
+        if not isinstance(rnd, int):
+            raise ValueError(f"{site}: cannot tell which round this result is for (no {AppConstants.CURRENT_ROUND})")
+        count = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(
+                f"{site}: the result's example count (meta '{MetaKey.NUM_STEPS_CURRENT_ROUND}') must be a "
+                f"non-negative integer, got {count!r}"
+            )
+        s = enc.settings
+        weight = contribution_weight(count, s.full_weight)
+        if count > s.full_weight:
+            self.log_warning(
+                fl_ctx,
+                f"{site}: {count} examples exceed full_weight {s.full_weight:g}; this site counts as {s.full_weight:g} "
+                "in the average (raise full_weight in the job to give it its full share)",
+            )
+        tensors = {k: _as_tensor(v) for k, v in dxo.data.items()}
+        layout = AdapterLayout.from_tensors(tensors)
+        plan = enc.plan
+        q = quantize(tensors, s.clip, plan.bits, enc.rounding_generator(site, rnd), weight=weight)
+        chunks = encrypt_ints(enc.context, layout.flatten(q.ints), plan, tag=round_tag(rnd))
+        meta = {
+            MetaKey.NUM_STEPS_CURRENT_ROUND: count,
+            "weight": weight,
+            "layout": layout.to_manifest(),
+            "layout_fingerprint": layout.fingerprint(),
+            "n_values": layout.n_values,
+            "clipped": q.n_clipped,
+        }
+        meta.update({k: dxo.get_meta_prop(k) for k in PASSED_THROUGH_META if dxo.get_meta_prop(k) is not None})
+        nbytes = sum(len(c) for c in chunks)
+        self.log_info(
+            fl_ctx,
+            f"{site} round {rnd}: encrypted {layout.n_values:,} values as int{plan.bits} into {len(chunks)} chunks "
+            f"({nbytes:,} bytes), weight {weight:.4f} ({count} examples), {q.n_clipped:,} clipped",
+        )
+        if q.n_clipped:
+            self.log_warning(
+                fl_ctx,
+                f"{site} round {rnd}: {q.n_clipped:,} of {q.n_values:,} values ({q.n_clipped / q.n_values:.2%}) exceeded "
+                f"the clip bound {s.clip} and were clipped; if this is more than a few, raise 'clip' in the job",
+            )
+        return DXO(PACKED_BFV_WEIGHT_DIFF, data={"chunks": chunks}, meta=meta)
+
+
+def _as_tensor(v) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu()
+    return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))

@@ -1,0 +1,154 @@
+"""A hospital's side of the encrypted job: its BFV key and the job's quantization and packing settings.
+
+One component, referenced by id from both the encrypt filter (task results) and the decrypt filter (task
+data), so the settings are written once in the job and the key is read once per job. In the job's client
+config::
+
+    {"id": "site_encryption", "path": "hospital_fedlora.site_encryption.SiteEncryption",
+     "args": {"clip": 0.05, "full_weight": 256, "packing": {"bits": 16, "max_sites": 8}}}
+
+``clip``: the bound every site clips its adapter change to, one float or ``{regex: bound}`` per tensor; it
+fixes the integer scale all sites share (see ``quantize``). Set it above the largest change one round of
+local training makes (about ``local_steps * learning_rate`` with Adam); the encrypt filter logs how many
+values it clipped. ``full_weight``: the example count that gives a site full weight in the average (see
+``quantize.contribution_weight``); set it near the largest site's count. ``packing``: see
+``packed_bfv.PackingSettings``. When the job starts, the settings are checked against the plain modulus
+of the provisioned key; a combination that could overflow stops the site with the setting named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+from typing import Any
+
+import torch
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_context import FLContext
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+
+from .config import ConfigError
+from .kit_context import load_kit_context
+from .packed_bfv import CLIENT_CONTEXT_FILE, BFVContext, LanePlan, PackingSettings, plan_lanes
+
+COMPONENT = "hospital_fedlora.site_encryption.SiteEncryption"
+
+
+class EncryptionSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clip: float | dict[str, float] = Field(description="clip bound: one for all tensors, or per regex")
+    full_weight: PositiveFloat = Field(description="example count that gives a site full weight")
+    packing: PackingSettings = PackingSettings()
+    rounding_seed: int | None = Field(None, description="fixed seed for stochastic rounding (tests); default: fresh")
+
+    @field_validator("clip", mode="before")
+    @classmethod
+    def _positive_bounds(cls, v: Any) -> Any:
+        bounds = v.values() if isinstance(v, dict) else [v]
+        if (isinstance(v, dict) and not v) or not all(_positive_number(b) for b in bounds):
+            raise ValueError("must be a positive number, or a non-empty mapping of tensor-name patterns to positive numbers")
+        return v
+
+
+def _positive_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def parse_settings(**raw) -> EncryptionSettings:
+    try:
+        return EncryptionSettings.model_validate(raw)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            got = e.get("input")
+            got = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"field '{'.'.join(map(str, e['loc']))}': {msg}{got}")
+        raise ConfigError(f"job config, component {COMPONENT}: " + "; ".join(problems)) from None
+
+
+class SiteEncryption(FLComponent):
+    def __init__(
+        self,
+        clip: float | dict,
+        full_weight: float,
+        packing: dict | None = None,
+        context_file: str = "",
+        rounding_seed: int | None = None,
+    ):
+        """``context_file``: the hospital's key file, default ``<kit>/startup/client_bfv_context.tenseal``."""
+        super().__init__()
+        self.settings = parse_settings(clip=clip, full_weight=full_weight, packing=packing or {}, rounding_seed=rounding_seed)
+        self.context_file = context_file
+        self._context: BFVContext | None = None
+        self._plan: LanePlan | None = None
+        self._error: str | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            self._context = self._plan = self._error = None
+            try:
+                self.prepare(fl_ctx)
+            except Exception as err:  # kept, and raised by the filters with every task, naming the cause
+                self._error = str(err)
+                self.log_error(fl_ctx, f"encryption set-up failed: {err}")
+
+    def prepare(self, fl_ctx: FLContext) -> None:
+        """Load the key and plan the lanes (once per job)."""
+        context = load_kit_context(fl_ctx, CLIENT_CONTEXT_FILE, self.context_file)
+        if not context.has_secret_key:
+            raise ValueError(
+                f"{fl_ctx.get_identity_name() or 'this site'}: the BFV context holds no secret key (is it the server's "
+                f"file?); hospitals use startup/{CLIENT_CONTEXT_FILE} from their own kit"
+            )
+        try:
+            plan = plan_lanes(self.settings.packing, context)
+        except ValueError as err:
+            raise ConfigError(f"job config, component {COMPONENT}, args 'packing': {err}") from None
+        self._context, self._plan = context, plan
+        s = self.settings
+        self.log_info(
+            fl_ctx,
+            f"BFV key {context.key_id}: int{plan.bits}, {plan.lanes_per_slot} lanes of {plan.lane_bits} bits per slot "
+            f"(up to {plan.max_sites} sites), clip {s.clip}, full weight at {s.full_weight:g} examples",
+        )
+
+    def ready(self, fl_ctx: FLContext) -> "SiteEncryption":
+        if self._error:
+            raise RuntimeError(f"encryption is not set up at this site: {self._error}")
+        if self._context is None:
+            self.prepare(fl_ctx)
+        return self
+
+    @property
+    def context(self) -> BFVContext:
+        assert self._context is not None, "call ready() first"
+        return self._context
+
+    @property
+    def plan(self) -> LanePlan:
+        assert self._plan is not None, "call ready() first"
+        return self._plan
+
+    def rounding_generator(self, site: str, rnd: int) -> torch.Generator:
+        """Independent rounding noise per site and round; reproducible only with ``rounding_seed``."""
+        if self.settings.rounding_seed is None:
+            seed = secrets.randbits(63)
+        else:
+            digest = hashlib.sha256(f"{self.settings.rounding_seed}:{site}:{rnd}".encode()).digest()
+            seed = int.from_bytes(digest[:8], "big") >> 1
+        return torch.Generator().manual_seed(seed)
+
+
+def find_site_encryption(fl_ctx: FLContext, component_id: str) -> SiteEncryption:
+    engine = fl_ctx.get_engine()
+    found = engine.get_component(component_id) if engine is not None else None
+    if not isinstance(found, SiteEncryption):
+        raise ConfigError(
+            f"job config: component {component_id!r} must be a {COMPONENT} (the filters' 'encryption_id'), "
+            f"got {type(found).__name__}"
+        )
+    return found

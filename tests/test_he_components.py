@@ -1,0 +1,521 @@
+"""The encrypted job's FLARE components with real TenSEAL keys and real FLContext/Shareable objects.
+
+Encrypt filter -> aggregator -> log generator -> persistor -> decrypt filter, without processes: exact
+integer sums, a server that cannot decrypt, every bad contribution refused with the site named, catch-up
+from the log, and the append-only files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.workspace import Workspace
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.fuel.utils import fobs
+
+from hospital_fedlora.adapter_layout import AdapterLayout
+from hospital_fedlora.adapter_locator import AdapterLocator
+from hospital_fedlora.config import ConfigError
+from hospital_fedlora.decrypt_filter import APPLIED_ROUNDS, DecryptFilter
+from hospital_fedlora.encrypt_filter import EncryptFilter
+from hospital_fedlora.encrypted_log import (
+    PACKED_BFV_ADAPTER_LOG,
+    PACKED_BFV_WEIGHT_DIFF,
+    LogError,
+    first_round_needed,
+)
+from hospital_fedlora.encrypted_log_generator import EncryptedLogGenerator, log_entries, make_log_learnable
+from hospital_fedlora.encrypted_log_persistor import LOG_DIR, LOG_INDEX, EncryptedLogPersistor, read_log
+from hospital_fedlora.encrypted_sum_aggregator import EncryptedSumAggregator
+from hospital_fedlora.lora_executor import INITIAL_ADAPTER, RELATIVE_TO
+from hospital_fedlora.packed_bfv import (
+    CLIENT_CONTEXT_FILE,
+    BFVParams,
+    MissingSecretKeyError,
+    decrypt_ints,
+    make_context,
+    serialize_context,
+)
+from hospital_fedlora.quantize import contribution_weight, quantize, step_size
+from hospital_fedlora.site_encryption import SiteEncryption
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+COUNTS = {"hospital-a": 240, "hospital-b": 160, "hospital-c": 120}
+CLIP = 0.05
+FULL_WEIGHT = 256
+# One ciphertext per chunk so a ~30k-value adapter travels as several chunks.
+PACKING = {"bits": 16, "max_sites": 8, "ciphertexts_per_chunk": 1}
+SHAPES = {
+    "base_model.model.layers.0.self_attn.q_proj.lora_A.weight": (8, 1024),
+    "base_model.model.layers.0.self_attn.q_proj.lora_B.weight": (1024, 8),
+    "base_model.model.layers.0.self_attn.v_proj.lora_A.weight": (8, 1024),
+    "base_model.model.layers.0.self_attn.v_proj.lora_B.weight": (1024, 9),  # odd size: a short last ciphertext
+}
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def key_files(tmp_path_factory):
+    """Kit files of one provisioning (client with the secret key, server without) and a foreign client key."""
+    folder = tmp_path_factory.mktemp("keys")
+    made = make_context(BFVParams(), n_threads=1)
+    files = {"client": folder / "client.tenseal", "server": folder / "server.tenseal", "foreign": folder / "foreign.tenseal"}
+    files["client"].write_bytes(serialize_context(made, secret=True))
+    files["server"].write_bytes(serialize_context(made, secret=False))
+    files["foreign"].write_bytes(serialize_context(make_context(BFVParams(), n_threads=1), secret=True))
+    return files
+
+
+def site_ctx(site: str, rnd: int | None = None) -> FLContext:
+    ctx = FLContext()
+    ctx.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
+    if rnd is not None:
+        ctx.set_prop(AppConstants.CURRENT_ROUND, rnd, private=False, sticky=False)
+    return ctx
+
+
+def kit_workspace(root, name: str) -> Workspace:
+    """A participant's workspace as FLARE lays it out (startup/ and local/); no key file in it yet."""
+    for folder in ("startup", "local"):
+        (root / folder).mkdir(exist_ok=True)
+    return Workspace(str(root), name)
+
+
+def server_ctx(rnd: int, global_model=None, workspace=None) -> FLContext:
+    ctx = site_ctx("server", rnd)
+    if global_model is not None:
+        ctx.set_prop(AppConstants.GLOBAL_MODEL, global_model, private=True, sticky=False)
+    if workspace is not None:
+        ctx.set_prop(FLContextKey.WORKSPACE_OBJECT, kit_workspace(workspace, "server"), private=True, sticky=False)
+        ctx.set_prop(ReservedKey.RUN_NUM, "job_he", private=False, sticky=False)
+    return ctx
+
+
+def make_encryption(path, **overrides) -> SiteEncryption:
+    args = {"clip": CLIP, "full_weight": FULL_WEIGHT, "packing": PACKING, "context_file": str(path), "rounding_seed": 11}
+    return SiteEncryption(**{**args, **overrides})
+
+
+def make_filters(key_files, site="hospital-a"):
+    enc = make_encryption(key_files["client"])
+    enc.prepare(site_ctx(site))
+    encrypt, decrypt = EncryptFilter(), DecryptFilter()
+    encrypt.encryption = decrypt.encryption = enc
+    return enc, encrypt, decrypt
+
+
+def diff_for(site: str, rnd: int, shapes=SHAPES) -> dict[str, np.ndarray]:
+    g = np.random.default_rng(zlib.crc32(f"{site}:{rnd}".encode()))
+    return {k: (g.standard_normal(s) * 0.01).astype(np.float32) for k, s in shapes.items()}
+
+
+def train_result(diff: dict, count: int, rnd: int, **meta) -> Shareable:
+    meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: count, "metrics": {"train_loss": 1.5}, "adapter_config": {"r": 8}, **meta}
+    s = DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+    s.set_header(AppConstants.CURRENT_ROUND, rnd)
+    return s
+
+
+def as_received(result: Shareable, site: str, rnd: int) -> Shareable:
+    """What the server's aggregator sees: the site's identity and the round cookie FLARE attaches."""
+    result.set_peer_props({ReservedKey.IDENTITY_NAME: site})
+    result.add_cookie(AppConstants.CONTRIBUTION_ROUND, rnd)
+    return result
+
+
+def encrypted(encrypt: EncryptFilter, site: str, diff: dict, rnd: int, count: int | None = None) -> Shareable:
+    out = encrypt.process(train_result(diff, COUNTS[site] if count is None else count, rnd), site_ctx(site))
+    return as_received(out, site, rnd)
+
+
+def expected_ints(enc: SiteEncryption, site: str, diff: dict, rnd: int) -> torch.Tensor:
+    tensors = {k: torch.from_numpy(v) for k, v in diff.items()}
+    weight = contribution_weight(COUNTS[site], FULL_WEIGHT)
+    q = quantize(tensors, CLIP, 16, enc.rounding_generator(site, rnd), weight=weight)
+    return AdapterLayout.from_tensors(tensors).flatten(q.ints).to(torch.int64)
+
+
+@pytest.fixture(scope="module")
+def filters(key_files):
+    return make_filters(key_files)
+
+
+@pytest.fixture
+def aggregator(key_files):
+    agg = EncryptedSumAggregator(min_contributions=3, context_file=str(key_files["server"]))
+    agg.load_context(server_ctx(0))
+    return agg
+
+
+# ------------------------------------------------------------------------------------ encrypt filter
+def test_only_ciphertexts_and_clear_metadata_leave_the_site(filters):
+    enc, encrypt, _ = filters
+    diff = diff_for("hospital-a", 0)
+    out = encrypt.process(train_result(diff, 240, 0, private_note="not for the server"), site_ctx("hospital-a"))
+    dxo = from_shareable(out)
+    assert dxo.data_kind == PACKED_BFV_WEIGHT_DIFF
+    assert set(dxo.data) == {"chunks"} and len(dxo.data["chunks"]) == 3  # 30,729 values, 12,288 per ciphertext
+    layout = AdapterLayout.from_tensors({k: torch.from_numpy(v) for k, v in diff.items()})
+    assert dxo.meta["n_values"] == layout.n_values and dxo.meta["layout_fingerprint"] == layout.fingerprint()
+    assert dxo.meta["weight"] == pytest.approx(240 / 256) and dxo.meta[MetaKey.NUM_STEPS_CURRENT_ROUND] == 240
+    assert dxo.meta["metrics"] == {"train_loss": 1.5} and dxo.meta["adapter_config"] == {"r": 8}
+    assert "private_note" not in dxo.meta
+    wire = fobs.dumps(out)
+    for v in diff.values():  # no tensor's float bytes appear anywhere in the serialized message
+        assert v.tobytes()[:64] not in wire
+
+
+def test_clipped_values_are_counted(filters):
+    _, encrypt, _ = filters
+    diff = diff_for("hospital-a", 0)
+    first = next(iter(diff))
+    diff[first][0, :5] = 1.0  # 20x the clip bound
+    dxo = from_shareable(encrypt.process(train_result(diff, 240, 0), site_ctx("hospital-a")))
+    assert dxo.meta["clipped"] == 5
+
+
+# ------------------------------------------------------------------------------------ exact integer sums
+def test_aggregate_decrypts_to_the_exact_sum_of_weighted_quantized_inputs(filters, aggregator, key_files):
+    enc, encrypt, _ = filters
+    diffs = {s: diff_for(s, 0) for s in SITES}
+    for s in SITES:
+        assert aggregator.accept(encrypted(encrypt, s, diffs[s], 0), server_ctx(0))
+    agg = from_shareable(aggregator.aggregate(server_ctx(0)))
+    m = agg.meta
+    assert m["n_sites"] == 3 and m["site_weights"] == COUNTS
+    assert m["total_weight"] == pytest.approx(sum(COUNTS.values()) / FULL_WEIGHT)
+    assert set(m["site_metrics"]) == set(SITES) and m["adapter_config"] == {"r": 8}
+    got = decrypt_ints(enc.context, agg.data["chunks"], enc.plan, m["n_values"], 3)
+    want = sum(expected_ints(enc, s, diffs[s], 0) for s in SITES)
+    assert torch.equal(got, want)
+
+
+def test_decrypt_filter_yields_the_example_weighted_average(filters, aggregator, key_files):
+    enc = filters[0]
+    diffs = {s: diff_for(s, 0) for s in SITES}
+    for s in SITES:
+        assert aggregator.accept(encrypted(filters[1], s, diffs[s], 0), server_ctx(0))
+    log = EncryptedLogGenerator().shareable_to_learnable(aggregator.aggregate(server_ctx(0)), server_ctx(0, make_log_learnable([])))
+    task = EncryptedLogGenerator().learnable_to_shareable(log, server_ctx(1))
+    _, _, decrypt = make_filters(key_files, "hospital-b")
+    out = from_shareable(decrypt.process(task, site_ctx("hospital-b")))
+    assert out.data_kind == DataKind.WEIGHT_DIFF
+    assert out.meta[RELATIVE_TO] == INITIAL_ADAPTER and out.meta[APPLIED_ROUNDS] == [0]
+    total = sum(COUNTS.values())
+    for k in SHAPES:
+        average = sum(COUNTS[s] * diffs[s][k].astype(np.float64) for s in SITES) / total
+        # per value: less than one quantization step per site, over the total weight factor
+        bound = step_size(CLIP, 16) * 3 / (total / FULL_WEIGHT)
+        assert np.abs(out.data[k] - average).max() < bound, k
+        assert out.data[k].dtype == np.float32
+
+
+# ------------------------------------------------------------------------------------ server has no key
+def test_the_server_context_cannot_decrypt_or_encrypt(filters, aggregator, key_files):
+    enc, encrypt, _ = filters
+    assert not aggregator.context.has_secret_key
+    contribution = from_shareable(encrypted(encrypt, "hospital-a", diff_for("hospital-a", 0), 0))
+    with pytest.raises(MissingSecretKeyError, match="no secret key"):
+        decrypt_ints(aggregator.context, contribution.data["chunks"], enc.plan, contribution.meta["n_values"], 1)
+    server_as_site = make_encryption(key_files["server"])
+    with pytest.raises(ValueError, match="holds no secret key"):
+        server_as_site.prepare(site_ctx("hospital-a"))
+
+
+def test_aggregator_refuses_a_context_with_a_secret_key(key_files):
+    agg = EncryptedSumAggregator(context_file=str(key_files["client"]))
+    with pytest.raises(ValueError, match="server must never have one"):
+        agg.load_context(server_ctx(0))
+
+
+# ------------------------------------------------------------------------------------ bad contributions
+def _tamper(s: Shareable, how: str) -> Shareable:
+    dxo = from_shareable(s)
+    chunks = list(dxo.data["chunks"])
+    if how == "flip":
+        b = bytearray(chunks[1])
+        b[-100] ^= 0x01
+        chunks[1] = bytes(b)
+    elif how == "truncate":
+        chunks[2] = chunks[2][: len(chunks[2]) // 2]
+    elif how == "drop_chunk":
+        chunks = chunks[:2]
+    dxo.data["chunks"] = chunks
+    return dxo.update_shareable(s)
+
+
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("flip", r"hospital-b, chunk 1: payload does not match its SHA-256.*altered"),
+        ("truncate", r"hospital-b, chunk 2: payload does not match its SHA-256.*truncated"),
+        ("drop_chunk", r"hospital-b: 2 chunks received, the headers announce 3"),
+    ],
+)
+def test_corrupted_contribution_is_rejected_and_not_summed(filters, aggregator, how, reason):
+    enc, encrypt, _ = filters
+    diffs = {s: diff_for(s, 0) for s in SITES}
+    assert aggregator.accept(encrypted(encrypt, "hospital-a", diffs["hospital-a"], 0), server_ctx(0))
+    assert not aggregator.accept(_tamper(encrypted(encrypt, "hospital-b", diffs["hospital-b"], 0), how), server_ctx(0))
+    assert aggregator._rejected["hospital-b"] and re.search(reason, aggregator._rejected["hospital-b"])
+    assert aggregator.accept(encrypted(encrypt, "hospital-c", diffs["hospital-c"], 0), server_ctx(0))
+    with pytest.raises(RuntimeError, match=r"round 0: 2 accepted contributions, 3 required \(hospital-b: "):
+        aggregator.aggregate(server_ctx(0))
+    # with two required, the round sums exactly the two good contributions
+    aggregator.min_contributions = 2
+    agg = from_shareable(aggregator.aggregate(server_ctx(0)))
+    got = decrypt_ints(enc.context, agg.data["chunks"], enc.plan, agg.meta["n_values"], 2)
+    assert torch.equal(got, sum(expected_ints(enc, s, diffs[s], 0) for s in ("hospital-a", "hospital-c")))
+    assert agg.meta["site_weights"] == {"hospital-a": 240, "hospital-c": 120}
+
+
+def test_contribution_encrypted_under_another_provisioning_is_rejected_naming_the_site(filters, aggregator, key_files):
+    _, encrypt, _ = filters
+    _, foreign_encrypt, _ = make_filters({"client": key_files["foreign"]}, "hospital-c")
+    assert aggregator.accept(encrypted(encrypt, "hospital-a", diff_for("hospital-a", 0), 0), server_ctx(0))
+    assert not aggregator.accept(encrypted(foreign_encrypt, "hospital-c", diff_for("hospital-c", 0), 0), server_ctx(0))
+    assert aggregator._rejected["hospital-c"].startswith("hospital-c: encrypted under key ")
+    assert "another provisioning" in aggregator._rejected["hospital-c"]
+
+
+def test_foreign_contribution_first_is_rejected_too(filters, aggregator, key_files):
+    # Nothing to compare with yet: the key id in the chunk headers still gives it away.
+    _, foreign_encrypt, _ = make_filters({"client": key_files["foreign"]}, "hospital-c")
+    assert not aggregator.accept(encrypted(foreign_encrypt, "hospital-c", diff_for("hospital-c", 0), 0), server_ctx(0))
+    assert "another provisioning" in aggregator._rejected["hospital-c"]
+
+
+def test_wrong_layout_round_kind_and_duplicates_are_rejected(filters, aggregator):
+    _, encrypt, _ = filters
+    assert aggregator.accept(encrypted(encrypt, "hospital-a", diff_for("hospital-a", 0), 0), server_ctx(0))
+    other_shapes = {**SHAPES, "base_model.model.layers.0.self_attn.v_proj.lora_B.weight": (1024, 8)}
+    cases = {
+        "hospital-b": (encrypted(encrypt, "hospital-b", diff_for("hospital-b", 0, other_shapes), 0), "adapter layout"),
+        "hospital-c": (encrypted(encrypt, "hospital-c", diff_for("hospital-c", 1), 1), "for round 1, the current round is 0"),
+        "hospital-d": (as_received(train_result(diff_for("d", 0), 10, 0), "hospital-d", 0), "EncryptFilter configured"),
+        "hospital-a": (encrypted(encrypt, "hospital-a", diff_for("hospital-a", 0), 0), "second contribution"),
+    }
+    for site, (contribution, reason) in cases.items():
+        assert not aggregator.accept(contribution, server_ctx(0)), site
+        assert reason in aggregator._rejected[site], (site, aggregator._rejected[site])
+
+
+def test_stale_ciphertext_under_a_current_cookie_is_rejected_by_its_tag(filters, aggregator):
+    _, encrypt, _ = filters
+    stale = encrypted(encrypt, "hospital-b", diff_for("hospital-b", 0), 0)  # tagged round 0
+    stale.add_cookie(AppConstants.CONTRIBUTION_ROUND, 1)
+    assert not aggregator.accept(stale, server_ctx(1))
+    assert "tagged 'round 0', expected 'round 1'" in aggregator._rejected["hospital-b"]
+
+
+# ------------------------------------------------------------------------------------ keys and settings
+def test_missing_key_file_in_the_kit_is_named(tmp_path, key_files):
+    enc = make_encryption("")
+    ctx = site_ctx("hospital-a")  # its kit was provisioned without our builder
+    ctx.set_prop(FLContextKey.WORKSPACE_OBJECT, kit_workspace(tmp_path, "hospital-a"), private=True, sticky=False)
+    with pytest.raises(FileNotFoundError, match=rf"hospital-a: .*startup/{CLIENT_CONTEXT_FILE} not found.*BFVContextBuilder"):
+        enc.prepare(ctx)
+    from nvflare.apis.event_type import EventType
+
+    enc.handle_event(EventType.START_RUN, ctx)  # kept, and raised with every task
+    encrypt = EncryptFilter()
+    encrypt.encryption = enc
+    with pytest.raises(RuntimeError, match="encryption is not set up at this site: .*not found"):
+        encrypt.process(train_result(diff_for("hospital-a", 0), 240, 0), ctx)
+    agg = EncryptedSumAggregator(context_file=str(tmp_path / "nowhere.tenseal"))
+    with pytest.raises(ValueError, match="server: .*nowhere.tenseal: BFV context file not found"):
+        agg.load_context(server_ctx(0))
+
+
+def test_key_file_found_in_the_kit_startup_folder(tmp_path, key_files):
+    workspace = kit_workspace(tmp_path, "hospital-a")
+    (tmp_path / "startup" / CLIENT_CONTEXT_FILE).write_bytes(key_files["client"].read_bytes())
+    enc = make_encryption("")
+    ctx = site_ctx("hospital-a")
+    ctx.set_prop(FLContextKey.WORKSPACE_OBJECT, workspace, private=True, sticky=False)
+    enc.prepare(ctx)
+    assert enc.context.has_secret_key
+
+
+def test_settings_are_checked_at_construction_and_against_the_key(key_files):
+    with pytest.raises(ConfigError, match=r"SiteEncryption: field 'packing.bits'.*\(got 12\)"):
+        make_encryption(key_files["client"], packing={"bits": 12})
+    with pytest.raises(ConfigError, match=r"field 'clip'"):
+        make_encryption(key_files["client"], clip=-1.0)
+    with pytest.raises(ConfigError, match=r"field 'full_weight'"):
+        make_encryption(key_files["client"], full_weight=0)
+    overflowing = make_encryption(key_files["client"], packing={"bits": 16, "max_sites": 64})
+    with pytest.raises(ConfigError, match=r"args 'packing': .*max_sites=64"):
+        overflowing.prepare(site_ctx("hospital-a"))
+
+
+# ------------------------------------------------------------------------------------ the log, catch-up
+def run_round(rnd, log, contributors, encrypt, key_files, generator) -> object:
+    """One server round: aggregate the contributors' encrypted diffs, append to the log."""
+    agg = EncryptedSumAggregator(min_contributions=len(contributors), context_file=str(key_files["server"]))
+    agg.load_context(server_ctx(rnd))
+    for s in contributors:
+        assert agg.accept(encrypted(encrypt, s, diff_for(s, rnd), rnd), server_ctx(rnd)), agg._rejected
+    return generator.shareable_to_learnable(agg.aggregate(server_ctx(rnd)), server_ctx(rnd, log))
+
+
+def test_a_site_that_missed_a_round_catches_up_from_the_log(filters, key_files):
+    _, encrypt, _ = filters
+    gen, final = EncryptedLogGenerator(), EncryptedLogGenerator(whole_log=True)
+    steady = make_filters(key_files, "hospital-a")[2]
+    late = make_filters(key_files, "hospital-c")[2]
+    log = make_log_learnable([])
+
+    first = gen.learnable_to_shareable(log, server_ctx(0))
+    assert from_shareable(first).data == {"entries": []}
+    for f, s in ((steady, "hospital-a"), (late, "hospital-c")):
+        out = from_shareable(f.process(first, site_ctx(s)))
+        assert out.data == {} and out.meta[RELATIVE_TO] == INITIAL_ADAPTER and out.meta[APPLIED_ROUNDS] == []
+
+    log = run_round(0, log, SITES, encrypt, key_files, gen)
+    task = gen.learnable_to_shareable(log, server_ctx(1))
+    assert [e["round"] for e in from_shareable(task).data["entries"]] == [0]
+    steady.process(task, site_ctx("hospital-a"))  # hospital-c misses round 1
+
+    log = run_round(1, log, ("hospital-a", "hospital-b"), encrypt, key_files, gen)
+    task = gen.learnable_to_shareable(log, server_ctx(2))
+    assert [e["round"] for e in from_shareable(task).data["entries"]] == [0, 1]  # hospital-c lacks both
+    a = from_shareable(steady.process(task, site_ctx("hospital-a")))
+    c = from_shareable(late.process(task, site_ctx("hospital-c")))
+    assert a.meta[APPLIED_ROUNDS] == c.meta[APPLIED_ROUNDS] == [0, 1]
+    for k in SHAPES:
+        np.testing.assert_array_equal(a.data[k], c.data[k])
+
+    log = run_round(2, log, SITES, encrypt, key_files, gen)
+    assert [e["round"] for e in from_shareable(gen.learnable_to_shareable(log, server_ctx(3))).data["entries"]] == [2]
+    whole = final.learnable_to_shareable(log, server_ctx(3))
+    assert [e["round"] for e in from_shareable(whole).data["entries"]] == [0, 1, 2]
+    fresh = make_filters(key_files, "hospital-b")[2]
+    outs = [from_shareable(f.process(whole, site_ctx(s))) for f, s in ((steady, "a"), (late, "c"), (fresh, "b"))]
+    for k in SHAPES:
+        np.testing.assert_array_equal(outs[0].data[k], outs[1].data[k])
+        np.testing.assert_array_equal(outs[0].data[k], outs[2].data[k])
+    assert all(o.meta[APPLIED_ROUNDS] == [0, 1, 2] for o in outs)
+
+
+def test_a_gap_in_the_log_is_refused_and_nothing_is_applied(filters, key_files):
+    _, encrypt, _ = filters
+    gen = EncryptedLogGenerator()
+    log = run_round(0, make_log_learnable([]), SITES, encrypt, key_files, gen)
+    log = run_round(1, log, SITES, encrypt, key_files, gen)
+    only_latest = gen.learnable_to_shareable(log, server_ctx(2))
+    assert [e["round"] for e in from_shareable(only_latest).data["entries"]] == [1]
+    newcomer = make_filters(key_files, "hospital-d")[2]
+    with pytest.raises(LogError, match=r"hospital-d: cannot apply the log: it has applied rounds none, the server sent "
+                                       r"rounds \[1\], so rounds \[0\] are missing"):  # fmt: skip
+        newcomer.process(only_latest, site_ctx("hospital-d"))
+    assert newcomer.applied == [] and newcomer.change == {}
+
+
+def test_a_tampered_log_entry_is_refused(filters, key_files):
+    _, encrypt, _ = filters
+    gen = EncryptedLogGenerator()
+    log = run_round(0, make_log_learnable([]), SITES, encrypt, key_files, gen)
+    task = gen.learnable_to_shareable(log, server_ctx(1))
+    dxo = from_shareable(task)
+    entry = dxo.data["entries"][0]
+    entry["chunks"] = [entry["chunks"][0][:-10], *entry["chunks"][1:]]
+    dxo.update_shareable(task)
+    site = make_filters(key_files, "hospital-a")[2]
+    with pytest.raises(LogError, match="hospital-a: log entry for round 0: .*do not match the recorded SHA-256"):
+        site.process(task, site_ctx("hospital-a"))
+    # a forged total weight passes the digest (it is metadata) but the header check catches a wrong count
+    dxo.data["entries"] = from_shareable(gen.learnable_to_shareable(log, server_ctx(1))).data["entries"]
+    dxo.data["entries"][0]["n_sites"] = 2
+    dxo.update_shareable(task)
+    with pytest.raises(ValueError, match="sums 3 contributions, the metadata says 2"):
+        site.process(task, site_ctx("hospital-a"))
+
+
+def test_generator_refuses_to_rewrite_a_logged_round(filters, key_files):
+    _, encrypt, _ = filters
+    gen = EncryptedLogGenerator()
+    log = run_round(0, make_log_learnable([]), SITES, encrypt, key_files, gen)
+    with pytest.raises(LogError, match="append-only"):
+        run_round(0, log, SITES, encrypt, key_files, gen)
+
+
+def test_first_round_needed():
+    assert first_round_needed({}, ["a"]) == 0
+    rounds = {0: ["a", "b", "c"], 1: ["a", "b"], 2: ["a", "b"]}
+    assert first_round_needed(rounds, []) == 0  # c contributed to 0 only: it has not applied 0 yet
+    assert first_round_needed({0: ["a", "b"], 1: ["a", "b"]}, ["a", "b"]) == 1
+    assert first_round_needed({0: ["a", "b"], 1: ["a", "b"]}, ["a", "b", "newcomer"]) == 0
+
+
+# ------------------------------------------------------------------------------------ persistence
+def test_persistor_appends_round_files_and_never_rewrites(filters, key_files, tmp_path):
+    _, encrypt, _ = filters
+    gen, persistor = EncryptedLogGenerator(), EncryptedLogPersistor()
+    log = persistor.load_model(server_ctx(0, workspace=tmp_path))
+    assert log.is_empty()
+    for rnd in range(2):
+        log = run_round(rnd, log, SITES, encrypt, key_files, gen)
+        persistor.save_model(log, server_ctx(rnd, workspace=tmp_path))
+    folder = tmp_path / "job_he" / LOG_DIR
+    assert sorted(p.name for p in folder.iterdir()) == [LOG_INDEX, "round_000.bfv", "round_001.bfv"]
+    lines = [json.loads(l) for l in (folder / LOG_INDEX).read_text().splitlines()]
+    assert [l["round"] for l in lines] == [0, 1]
+    for line in lines:
+        data = (folder / line["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == line["sha256"] and len(data) > line["bytes"]
+        assert line["site_weights"] == COUNTS and line["n_sites"] == 3
+        assert line["total_weight"] == pytest.approx(sum(COUNTS.values()) / FULL_WEIGHT)
+    first_file = (folder / "round_000.bfv").stat()
+    persistor.save_model(log, server_ctx(1, workspace=tmp_path))  # saving again changes nothing
+    assert (folder / "round_000.bfv").stat().st_mtime_ns == first_file.st_mtime_ns
+    assert len((folder / LOG_INDEX).read_text().splitlines()) == 2
+
+    forged = log_entries(log)
+    forged[0] = {**forged[0], "chunks": forged[1]["chunks"], "sha256": forged[1]["sha256"]}
+    with pytest.raises(LogError, match="round 0: the log in memory differs.*never rewritten"):
+        persistor.save_model(make_log_learnable(forged), server_ctx(1, workspace=tmp_path))
+
+    # a fresh persistor (e.g. after a server restart) serves the log from disk to the final evaluation
+    again = EncryptedLogPersistor().get_model_from_location("global_adapter", server_ctx(2, workspace=tmp_path))
+    assert [(e["round"], e["sha256"]) for e in log_entries(again)] == [(l["round"], l["sha256"]) for l in lines]
+
+
+def test_stored_log_with_a_damaged_file_is_refused(filters, key_files, tmp_path):
+    _, encrypt, _ = filters
+    gen, persistor = EncryptedLogGenerator(), EncryptedLogPersistor()
+    log = run_round(0, make_log_learnable([]), SITES, encrypt, key_files, gen)
+    persistor.save_model(log, server_ctx(0, workspace=tmp_path))
+    path = tmp_path / "job_he" / LOG_DIR / "round_000.bfv"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(LogError, match="round_000.bfv: its 3 chunks .* do not match the recorded SHA-256"):
+        read_log(path.parent)
+    path.write_bytes(bytes(data[:-50]))
+    with pytest.raises(LogError, match="truncated"):
+        read_log(path.parent)
+
+
+def test_locator_sends_the_whole_log_for_the_final_evaluation(filters, key_files, tmp_path):
+    _, encrypt, _ = filters
+    gen, persistor = EncryptedLogGenerator(), EncryptedLogPersistor()
+    log = make_log_learnable([])
+    for rnd in range(2):
+        log = run_round(rnd, log, SITES, encrypt, key_files, gen)
+        persistor.save_model(log, server_ctx(rnd, workspace=tmp_path))
+    locator = AdapterLocator(persistor_id="persistor", shareable_generator_id="final_log")
+    locator.persistor, locator.generator = persistor, EncryptedLogGenerator(whole_log=True)
+    dxo = locator.locate_model(locator.get_model_names(server_ctx(2))[0], server_ctx(2))
+    assert dxo.data_kind == PACKED_BFV_ADAPTER_LOG
+    assert [e["round"] for e in dxo.data["entries"]] == [0, 1]
