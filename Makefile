@@ -40,6 +40,8 @@ test: base-model data
 
 bench: base-model data
 	$(PY) tests/benchmarks/bench_training_throughput.py --workspace $(WORK) --out docs/benchmarks
+	$(PY) tests/benchmarks/bench_round_overhead.py --out docs/benchmarks
+	$(PY) tests/benchmarks/bench_he_aggregation.py --out docs/benchmarks
 
 clean:
 	rm -rf $(WORK) .pytest_cache
