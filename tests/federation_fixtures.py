@@ -72,6 +72,7 @@ def completed_job(federation, small_job, tmp_path_factory):
     """The small job, submitted as the admin through the FLARE API and followed to the end."""
     events = []
     job_id = federation.submit(small_job)
+    signed_in_place = sorted(small_job.rglob(".__nvfl_*"))
     meta = federation.wait(job_id, on_progress=events.append, poll_interval=1.0)
     result = federation.download(job_id, tmp_path_factory.mktemp("results"))
-    return {"job_id": job_id, "meta": meta, "events": events, "result": result}
+    return {"job_id": job_id, "meta": meta, "events": events, "result": result, "signed_in_place": signed_in_place}

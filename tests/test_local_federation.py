@@ -29,6 +29,7 @@ def test_all_hospitals_connect(federation):
 
 def test_job_completes_and_progress_is_reported_per_round(completed_job):
     assert completed_job["meta"]["status"] == "FINISHED:COMPLETED"
+    assert completed_job["signed_in_place"] == []  # FLARE signed a copy; the submitted folder is untouched
     events = completed_job["events"]
     started = [e.round for e in events if e.event == "round_started"]
     finished = [e.round for e in events if e.event == "round_finished"]

@@ -28,9 +28,11 @@ import atexit
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -207,7 +209,12 @@ class LocalFederation:
         job_dir = Path(job_dir).resolve()
         if not (job_dir / "meta.json").is_file() and not (job_dir / "meta.conf").is_file():
             raise FederationError(f"{job_dir}: not a FLARE job folder (no meta.json)")
-        job_id = self.session.submit_job(str(job_dir))
+        # FLARE signs the submitted folder in place (.__nvfl_sig.json in every folder): submit a copy, so
+        # the job in the repository stays as committed.
+        with tempfile.TemporaryDirectory(prefix="job-") as tmp:
+            copy = Path(tmp) / job_dir.name
+            shutil.copytree(job_dir, copy, ignore=shutil.ignore_patterns(".__nvfl_*"))
+            job_id = self.session.submit_job(str(copy))
         self._num_rounds[job_id] = _num_rounds(job_dir)
         return job_id
 
