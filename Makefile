@@ -35,6 +35,16 @@ demo-sim: base-model data
 
 demo: demo-sim
 
+# Startup kits for everyone in provisioning/project.yml, ready to run (docs/admin.md).
+kits: setup
+	$(PY) -m hospital_fedlora.kits --project provisioning/project.yml --workspace $(WORK)/kits --site-configs site_configs
+
+# The real path (docs/operator.md): server and hospitals started from their kits on 127.0.0.1, the job
+# submitted as the admin through the FLARE API, followed round by round, result downloaded, all stopped.
+.PHONY: demo-real
+demo-real: base-model data kits
+	$(PY) -m hospital_fedlora.local_federation --kits $(WORK)/kits --job jobs/fedlora_plain --results $(WORK)/results
+
 test: base-model data
 	$(PY) -m pytest -q tests
 
