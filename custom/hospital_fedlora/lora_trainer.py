@@ -94,6 +94,8 @@ class LocalTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         # A fresh optimizer each round: the global adapter changed under it, old moments would be stale.
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
+        # A step that failed midway last round (out of memory, say) may have left gradients on the parameters.
+        optimizer.zero_grad(set_to_none=True)
         losses, tokens, start = [], 0, time.perf_counter()
         for step in range(1, steps + 1):
             micro = self._micro_batches(self._next_indices(self.batch_size))
