@@ -145,6 +145,39 @@ def test_site_config_for_the_wrong_site_is_refused(tmp_path, capsys):
     assert "hospital-b.yaml" in err and "field 'site' is 'hospital-a' but this client is 'hospital-b'" in err
 
 
+def test_a_hospital_prepares_its_unpacked_kit_with_its_own_site_config(kits, tmp_path):
+    unpacked = tmp_path / "elsewhere" / "hospital-b"
+    shutil.copytree(kits.clients["hospital-b"], unpacked)
+    for name in ("resources.json", "comm_config.json", "site_config.yaml"):
+        (unpacked / "local" / name).unlink()
+    own = tmp_path / "our_site.yaml"
+    raw = yaml.safe_load((REPO / "site_configs" / "hospital-b.yaml").read_text())
+    raw.update(base_model_path="models/llama", micro_batch_size=2)
+    own.write_text(yaml.safe_dump(raw))
+
+    assert kits_main(["--kit", str(unpacked), "--site-config", str(own)]) == 0
+    placed = load_site_config(unpacked / "local" / "site_config.yaml", expected_site="hospital-b")
+    assert placed.base_model_path == tmp_path / "models" / "llama" and placed.micro_batch_size == 2
+    assert json.loads((unpacked / "local" / "comm_config.json").read_text())["streaming_read_timeout"] >= 600
+    assert (unpacked / "local" / "resources.json").is_file()
+
+
+def test_kit_preparation_refuses_a_site_config_for_another_site_or_role(kits, tmp_path, capsys):
+    assert kits_main(["--kit", str(kits.clients["hospital-c"]), "--site-config", str(REPO / "site_configs" / "hospital-a.yaml")]) == 1
+    assert "field 'site' is 'hospital-a' but this client is 'hospital-c'" in capsys.readouterr().err
+    assert kits_main(["--kit", str(kits.server), "--site-config", str(REPO / "site_configs" / "hospital-a.yaml")]) == 1
+    assert "only a hospital's kit takes a site config" in capsys.readouterr().err
+
+
+def test_a_moved_server_kit_keeps_its_storage_inside_itself(kits, tmp_path):
+    moved = tmp_path / "srv" / "localhost"
+    shutil.copytree(kits.server, moved)
+    assert kits_main(["--kit", str(moved)]) == 0
+    resources = json.loads((moved / "local" / "resources.json").read_text())
+    job_manager = next(c for c in resources["components"] if c["id"] == "job_manager")
+    assert Path(job_manager["args"]["uri_root"]).is_relative_to(moved / "storage")
+
+
 # ----------------------------------------------------------------------- security on a running server
 @pytest.fixture(scope="module")
 def server_with_one_hospital(kits):

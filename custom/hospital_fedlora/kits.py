@@ -15,10 +15,14 @@ Nothing in ``startup/`` is touched: FLARE verifies that folder's signatures at e
 kit whose startup files changed. ``local/`` is, by FLARE's design, the site's own place for such settings
 (its ``signature.json`` covers only the ``*.default`` templates, which stay as provisioned).
 
-Command line::
+Command line (``make kits``)::
 
     python -m hospital_fedlora.kits --project provisioning/project.yml --workspace workspace/kits \\
         --site-configs site_configs
+
+and, at a site, for one kit unpacked on its own machine (paths become that machine's)::
+
+    python -m hospital_fedlora.kits --kit <kit folder> --site-config <the hospital's site config>
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -201,6 +204,9 @@ def prepare_kit(kit: str | Path, site_config: str | Path | None = None) -> None:
     local = kit / "local"
     if not (local / "resources.json.default").is_file():
         raise KitError(f"{kit}: not a provisioned startup kit (local/resources.json.default is missing)")
+    is_client = (kit / "startup" / "fed_client.json").is_file()
+    if site_config is not None and not is_client:
+        raise KitError(f"{kit}: only a hospital's kit takes a site config (this one has no startup/fed_client.json)")
     _write_json(local / "resources.json", local_resources(kit))
     if (kit / "startup" / "fed_admin.json").is_file():
         return  # admin consoles use neither FLARE's comm settings nor a site config
@@ -239,14 +245,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site-configs", default="site_configs", help="folder with one <site>.yaml per hospital")
     parser.add_argument("--no-site-configs", action="store_true",
                         help="leave local/site_config.yaml to each hospital's IT")  # fmt: skip
-    parser.add_argument("--prepare-only", metavar="PROD_DIR", help="skip provisioning; prepare the kits in PROD_DIR")
+    parser.add_argument("--kit", metavar="DIR",
+                        help="no provisioning: prepare this one kit in place, where it was unpacked")  # fmt: skip
+    parser.add_argument("--site-config", metavar="FILE", help="with --kit: the hospital's own site config to place")
     args = parser.parse_args(argv)
 
-    site_configs = None if args.no_site_configs else Path(args.site_configs)
     try:
+        if args.kit:
+            prepare_kit(args.kit, args.site_config)
+            print(f"prepared {Path(args.kit).resolve()}")
+            return 0
+        site_configs = None if args.no_site_configs else Path(args.site_configs)
         project = read_project(args.project)
-        prod_dir = Path(args.prepare_only) if args.prepare_only else provision(args.project, args.workspace)
-        kits = prepare_kits(prod_dir, site_configs, project)
+        kits = prepare_kits(provision(args.project, args.workspace), site_configs, project)
     except (KitError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -122,7 +122,7 @@ class LocalFederation:
         try:
             return self.start()
         except BaseException:
-            self.stop()
+            self.stop(strict=False)
             raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -237,32 +237,35 @@ class LocalFederation:
         round_start: dict[int, float] = {}
         last_status = None
         report(Progress(job_id, "submitted", "SUBMITTED", 0.0, num_rounds=num_rounds))
-        while True:
-            meta = self.session.get_job_meta(job_id)
-            status = meta.get("status", "")
-            for number, what in log.rounds():
-                now = time.monotonic()
-                if what == "started":
-                    round_start[number] = now
-                    report(Progress(job_id, "round_started", status, now - start, number, num_rounds))
-                else:
-                    took = now - round_start.get(number, now)
-                    report(Progress(job_id, "round_finished", status, now - start, number, num_rounds, took))
-            if status != last_status:
-                last_status = status
-                report(Progress(job_id, "status", status, time.monotonic() - start, num_rounds=num_rounds))
-            if status.startswith(TERMINAL_STATUSES):
-                break
-            if timeout and time.monotonic() - start > timeout:
-                raise FederationError(f"job {job_id} still {status} after {timeout:.0f} s")
-            for kit in [self.kits.server, *self.clients.values()]:
-                self._check_alive(kit)
-            time.sleep(poll_interval)
+        try:
+            while True:
+                meta = self.session.get_job_meta(job_id)
+                status = meta.get("status", "")
+                for number, what in log.rounds():
+                    now = time.monotonic()
+                    if what == "started":
+                        round_start[number] = now
+                        report(Progress(job_id, "round_started", status, now - start, number, num_rounds))
+                    else:
+                        took = now - round_start.get(number, now)
+                        report(Progress(job_id, "round_finished", status, now - start, number, num_rounds, took))
+                if status != last_status:
+                    last_status = status
+                    report(Progress(job_id, "status", status, time.monotonic() - start, num_rounds=num_rounds))
+                if status.startswith(TERMINAL_STATUSES):
+                    break
+                if timeout and time.monotonic() - start > timeout:
+                    raise FederationError(f"job {job_id} still {status} after {timeout:.0f} s")
+                for kit in [self.kits.server, *self.clients.values()]:
+                    self._check_alive(kit)
+                time.sleep(poll_interval)
+        finally:
+            log.close()
         report(Progress(job_id, "done", status, time.monotonic() - start, num_rounds=num_rounds))
         if status != "FINISHED:COMPLETED":
             raise FederationError(
-                f"job {job_id} ended {status}; see {self.kits.server / job_id / 'log.txt'} and the hospitals' "
-                f"{job_id}/log.txt"
+                f"job {job_id} ended {status}; its server log is in the downloaded result (workspace/log.txt), "
+                f"each hospital's in <hospital kit>/{job_id}/log.txt"
             )
         return meta
 
@@ -482,21 +485,24 @@ def _signal(pid: int, sig: int) -> None:
 
 
 class _LogFollower:
-    """Reads new complete lines of a log file that may not exist yet."""
+    """Reads new complete lines of a log file that may not exist yet.
+
+    The file stays open once found: the server removes a job's run folder when the job ends, and an open
+    file can still be read to its last line after that.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self.offset = 0
+        self.file = None
         self.partial = b""
 
     def rounds(self) -> list[tuple[int, str]]:
-        if not self.path.is_file():
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            data = f.read()
-        self.offset += len(data)
-        lines = (self.partial + data).split(b"\n")
+        if self.file is None:
+            try:
+                self.file = open(self.path, "rb")
+            except OSError:
+                return []
+        lines = (self.partial + self.file.read()).split(b"\n")
         self.partial = lines.pop()
         events = []
         for line in lines:
@@ -504,6 +510,10 @@ class _LogFollower:
             if m:
                 events.append((int(m.group(1)), m.group(2)))
         return events
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _num_rounds(job_dir: Path) -> int | None:
