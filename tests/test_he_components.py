@@ -181,7 +181,8 @@ def test_clipped_values_are_counted(filters):
     first = next(iter(diff))
     diff[first][0, :5] = 1.0  # 20x the clip bound
     dxo = from_shareable(encrypt.process(train_result(diff, 240, 0), site_ctx("hospital-a")))
-    assert dxo.meta["clipped"] == 5
+    assert encrypt.clipped == 5
+    assert "clipped" not in dxo.meta  # the server learns counts, not magnitudes
 
 
 # ------------------------------------------------------------------------------------ exact integer sums
@@ -434,12 +435,22 @@ def test_a_tampered_log_entry_is_refused(filters, key_files):
     site = make_filters(key_files, "hospital-a")[2]
     with pytest.raises(LogError, match="hospital-a: log entry for round 0: .*do not match the recorded SHA-256"):
         site.process(task, site_ctx("hospital-a"))
-    # a forged total weight passes the digest (it is metadata) but the header check catches a wrong count
+    # forged clear metadata passes the digest (it covers the chunks) but not the site's own checks
     dxo.data["entries"] = from_shareable(gen.learnable_to_shareable(log, server_ctx(1))).data["entries"]
     dxo.data["entries"][0]["n_sites"] = 2
     dxo.update_shareable(task)
+    with pytest.raises(ValueError, match="sums 2 contributions but lists 3 contributing sites"):
+        site.process(task, site_ctx("hospital-a"))
+    dxo.data["entries"][0].update(site_weights={"hospital-a": 240, "hospital-b": 160}, total_weight=400 / FULL_WEIGHT)
+    dxo.update_shareable(task)
     with pytest.raises(ValueError, match="sums 3 contributions, the metadata says 2"):
         site.process(task, site_ctx("hospital-a"))
+    dxo.data["entries"] = from_shareable(gen.learnable_to_shareable(log, server_ctx(1))).data["entries"]
+    dxo.data["entries"][0]["total_weight"] *= 2
+    dxo.update_shareable(task)
+    with pytest.raises(LogError, match="total weight .* does not follow from the sites' example counts"):
+        site.process(task, site_ctx("hospital-a"))
+    assert site.applied == []
 
 
 def test_generator_refuses_to_rewrite_a_logged_round(filters, key_files):

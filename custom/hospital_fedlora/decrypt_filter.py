@@ -3,7 +3,7 @@
 The server sends log entries (``PACKED_BFV_ADAPTER_LOG``), usually only the latest round's aggregate,
 more when some site missed rounds, the whole log for the final evaluation. For each entry this filter
 checks its SHA-256, skips it if this site applied it already, refuses to skip ahead over a round it
-lacks, then decrypts, unpacks, divides by the round's total weight, dequantizes and adds the round's
+lacks, checks that the clear total weight follows from the clear example counts, then decrypts, unpacks, divides by the round's total weight, dequantizes and adds the round's
 average change to the site's cumulative change. The DXO handed to the executor is that cumulative change,
 ``WEIGHT_DIFF`` relative to the seeded initial adapter every site creates identically (an empty dict
 before the first round), so every site ends up with the same global adapter.
@@ -13,6 +13,8 @@ entries is applied all or nothing.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from nvflare.apis.dxo import DXO, DataKind
@@ -25,7 +27,7 @@ from .adapter_layout import AdapterLayout
 from .encrypted_log import PACKED_BFV_ADAPTER_LOG, LogEntry, LogError, round_tag
 from .lora_executor import INITIAL_ADAPTER, RELATIVE_TO
 from .packed_bfv import decrypt_ints
-from .quantize import dequantize
+from .quantize import contribution_weight, dequantize
 from .site_encryption import SiteEncryption, find_site_encryption
 
 APPLIED_ROUNDS = "applied_rounds"
@@ -94,11 +96,24 @@ class DecryptFilter(DXOFilter):
             if layout is not None and this != layout:
                 raise LogError(f"{source}: its adapter layout {this.fingerprint()} differs from earlier rounds' {layout.fingerprint()}")
             layout = this
+            self._check_weights(e, s.full_weight, source)
             sums = decrypt_ints(enc.context, list(e.chunks), plan, e.n_values, e.n_sites, round_tag(e.round), source)
             average = dequantize(layout.unflatten(sums, source=source), s.clip, plan.bits, e.total_weight)
             for k, v in average.items():
                 change[k] = change[k] + v.double() if k in change else v.double()
         return change, layout
+
+    @staticmethod
+    def _check_weights(e: LogEntry, full_weight: float, source: str) -> None:
+        """The clear total weight must follow from the clear example counts: the server only adds them up."""
+        if len(e.site_weights) != e.n_sites:
+            raise LogError(f"{source}: sums {e.n_sites} contributions but lists {len(e.site_weights)} contributing sites")
+        expected = math.fsum(contribution_weight(c, full_weight) for c in e.site_weights.values())
+        if not math.isclose(e.total_weight, expected, rel_tol=1e-9):
+            raise LogError(
+                f"{source}: total weight {e.total_weight!r} does not follow from the sites' example counts "
+                f"{e.site_weights} (expected {expected!r} with full_weight {full_weight:g}); refusing a mis-weighted average"
+            )
 
 
 def _span(rounds: list[int]) -> str:

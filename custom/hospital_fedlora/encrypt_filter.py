@@ -37,6 +37,7 @@ class EncryptFilter(DXOFilter):
         self.encryption_id = encryption_id
         self.encryption: SiteEncryption | None = None
         self._task_round: int | None = None
+        self.clipped = 0  # values clipped in the last result; logged here, never sent (it hints at magnitudes)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.BEFORE_TASK_EXECUTION:
@@ -71,13 +72,13 @@ class EncryptFilter(DXOFilter):
         plan = enc.plan
         q = quantize(tensors, s.clip, plan.bits, enc.rounding_generator(site, rnd), weight=weight)
         chunks = encrypt_ints(enc.context, layout.flatten(q.ints), plan, tag=round_tag(rnd))
+        self.clipped = q.n_clipped
         meta = {
             MetaKey.NUM_STEPS_CURRENT_ROUND: count,
             "weight": weight,
             "layout": layout.to_manifest(),
             "layout_fingerprint": layout.fingerprint(),
             "n_values": layout.n_values,
-            "clipped": q.n_clipped,
         }
         meta.update({k: dxo.get_meta_prop(k) for k in PASSED_THROUGH_META if dxo.get_meta_prop(k) is not None})
         nbytes = sum(len(c) for c in chunks)
