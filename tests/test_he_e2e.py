@@ -67,13 +67,16 @@ def test_server_result_holds_only_the_encrypted_log(runs, data_dir):
 
 def test_server_never_had_a_secret_key_and_accepted_every_contribution(runs):
     log = (runs["fedlora_he"]["run"] / "log.txt").read_text()
-    assert "no secret key: this server can add ciphertexts, not read them" in log
+    assert "server_bfv_context.tenseal, kit signature verified (no secret key: this server can add ciphertexts, not read them)" in log
     assert log.count("accepted contribution from hospital-") == 3 * ROUNDS
     assert "rejected contribution" not in log
 
 
 def test_every_hospital_wrote_the_same_final_adapter_in_peft_format(runs, deployed_kits, base_model_dir):
     job_id = runs["fedlora_he"]["job_id"]
+    for site in SITES:
+        log = (deployed_kits.clients[site] / job_id / "log.txt").read_text()
+        assert "client_bfv_context.tenseal, kit signature verified: int16, 3 lanes" in log, site
     adapters = {s: deployed_kits.clients[s] / job_id / "global_adapter" for s in SITES}
     weights = {s: load_file(str(a / "adapter_model.safetensors")) for s, a in adapters.items()}
     first = weights[SITES[0]]

@@ -60,14 +60,17 @@ class EncryptedSumAggregator(Aggregator):
                 self.system_panic(f"EncryptedSumAggregator: {err}", fl_ctx)
 
     def load_context(self, fl_ctx: FLContext) -> None:
-        context = load_kit_context(fl_ctx, SERVER_CONTEXT_FILE, self.context_file)
+        context, origin = load_kit_context(fl_ctx, SERVER_CONTEXT_FILE, self.context_file)
         if context.has_secret_key:
             raise ValueError(
                 "the server's BFV context holds a secret key; the server must never have one (it could decrypt "
                 "every hospital's update). Use the server kit's startup/server_bfv_context.tenseal"
             )
         self.context = context
-        self.log_info(fl_ctx, f"BFV key {context.key_id} (no secret key: this server can add ciphertexts, not read them)")
+        self.log_info(
+            fl_ctx,
+            f"BFV key {context.key_id} from {origin} (no secret key: this server can add ciphertexts, not read them)",
+        )
 
     def reset(self, fl_ctx: FLContext | None) -> None:
         self._sum: EncryptedSum | None = None

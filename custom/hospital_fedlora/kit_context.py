@@ -29,12 +29,13 @@ def startup_dir(fl_ctx: FLContext) -> Path:
     return Path(workspace.get_startup_kit_dir())
 
 
-def load_kit_context(fl_ctx: FLContext, file_name: str, path: str = "") -> BFVContext:
-    """The BFV context in ``startup/<file_name>`` (or at ``path``); errors name the participant and file."""
+def load_kit_context(fl_ctx: FLContext, file_name: str, path: str = "") -> tuple[BFVContext, str]:
+    """The BFV context in ``startup/<file_name>`` (or at ``path``), and how its origin was checked (for the
+    log). Errors name the participant and the file."""
     who = fl_ctx.get_identity_name() or "this participant"
     if path:
         try:
-            return load_context_file(path)
+            return load_context_file(path), f"{path}, given explicitly (no kit signature check)"
         except (OSError, ValueError) as err:
             raise ValueError(f"{who}: {err}") from None
     folder = startup_dir(fl_ctx)
@@ -54,6 +55,7 @@ def load_kit_context(fl_ctx: FLContext, file_name: str, path: str = "") -> BFVCo
             f"{who}: {full} fails the kit's signature check ({rc.value}); the file was replaced or altered "
             "after provisioning: restore it from the original startup kit"
         )
+    checked = "kit signature verified" if rc == LoadResult.OK else f"kit signature not checked ({rc.value})"
     if data is None:
         data = full.read_bytes()
-    return load_context(data, source=f"{who}: {full}")
+    return load_context(data, source=f"{who}: {full}"), f"{full}, {checked}"

@@ -98,7 +98,7 @@ class SiteEncryption(FLComponent):
 
     def prepare(self, fl_ctx: FLContext) -> None:
         """Load the key and plan the lanes (once per job)."""
-        context = load_kit_context(fl_ctx, CLIENT_CONTEXT_FILE, self.context_file)
+        context, origin = load_kit_context(fl_ctx, CLIENT_CONTEXT_FILE, self.context_file)
         if not context.has_secret_key:
             raise ValueError(
                 f"{fl_ctx.get_identity_name() or 'this site'}: the BFV context holds no secret key (is it the server's "
@@ -112,7 +112,7 @@ class SiteEncryption(FLComponent):
         s = self.settings
         self.log_info(
             fl_ctx,
-            f"BFV key {context.key_id}: int{plan.bits}, {plan.lanes_per_slot} lanes of {plan.lane_bits} bits per slot "
+            f"BFV key {context.key_id} from {origin}: int{plan.bits}, {plan.lanes_per_slot} lanes of {plan.lane_bits} bits per slot "
             f"(up to {plan.max_sites} sites), clip {s.clip}, full weight at {s.full_weight:g} examples",
         )
 
