@@ -201,6 +201,46 @@ def test_aggregate_decrypts_to_the_exact_sum_of_weighted_quantized_inputs(filter
     assert torch.equal(got, want)
 
 
+def test_int8_mode_sums_exactly_and_averages_within_its_bound(key_files):
+    enc = make_encryption(key_files["client"], packing={**PACKING, "bits": 8})
+    enc.prepare(site_ctx("hospital-a"))
+    assert (enc.plan.bits, enc.plan.lanes_per_slot) == (8, 5)
+    encrypt, decrypt = EncryptFilter(), DecryptFilter()
+    encrypt.encryption = decrypt.encryption = enc
+    agg = EncryptedSumAggregator(min_contributions=3, context_file=str(key_files["server"]))
+    agg.load_context(server_ctx(0))
+    diffs = {s: diff_for(s, 0) for s in SITES}
+    for s in SITES:
+        assert agg.accept(encrypted(encrypt, s, diffs[s], 0), server_ctx(0)), agg._rejected
+    summed = agg.aggregate(server_ctx(0))
+    m = from_shareable(summed).meta
+    got = decrypt_ints(enc.context, from_shareable(summed).data["chunks"], enc.plan, m["n_values"], 3)
+    want = 0
+    for s in SITES:
+        tensors = {k: torch.from_numpy(v) for k, v in diffs[s].items()}
+        q = quantize(tensors, CLIP, 8, enc.rounding_generator(s, 0), weight=contribution_weight(COUNTS[s], FULL_WEIGHT))
+        want = want + AdapterLayout.from_tensors(tensors).flatten(q.ints).to(torch.int64)
+    assert torch.equal(got, want)
+    log = EncryptedLogGenerator().shareable_to_learnable(summed, server_ctx(0, make_log_learnable([])))
+    out = from_shareable(decrypt.process(EncryptedLogGenerator().learnable_to_shareable(log, server_ctx(1)), site_ctx("a")))
+    total = sum(COUNTS.values())
+    bound = step_size(CLIP, 8) * 3 / (total / FULL_WEIGHT)
+    for k in SHAPES:
+        average = sum(COUNTS[s] * diffs[s][k].astype(np.float64) for s in SITES) / total
+        assert np.abs(out.data[k] - average).max() < bound, k
+
+
+def test_a_log_encrypted_under_another_key_is_refused_at_the_site(filters, aggregator, key_files):
+    _, encrypt, _ = filters
+    for s in SITES:
+        assert aggregator.accept(encrypted(encrypt, s, diff_for(s, 0), 0), server_ctx(0))
+    log = EncryptedLogGenerator().shareable_to_learnable(aggregator.aggregate(server_ctx(0)), server_ctx(0, make_log_learnable([])))
+    task = EncryptedLogGenerator().learnable_to_shareable(log, server_ctx(1))
+    foreign = make_filters({"client": key_files["foreign"]}, "hospital-x")[2]
+    with pytest.raises(ValueError, match=r"hospital-x: round 0 aggregate: encrypted under key \w+, this kit holds key \w+"):
+        foreign.process(task, site_ctx("hospital-x"))
+
+
 def test_decrypt_filter_yields_the_example_weighted_average(filters, aggregator, key_files):
     enc = filters[0]
     diffs = {s: diff_for(s, 0) for s in SITES}

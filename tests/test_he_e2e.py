@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from deployment_helpers import REPO, SITES
 from hospital_fedlora.demo import derive_job, final_comparison
 from hospital_fedlora.encrypted_log_persistor import LOG_DIR, LOG_INDEX
+from hospital_fedlora.local_federation import FederationError
 
 pytest_plugins = ["federation_fixtures"]
 
@@ -108,3 +109,24 @@ def test_encrypted_run_matches_the_plaintext_run(runs, deployed_kits):
         assert np.abs(he_adapter[k] - plain_value).max() < 1e-3, k
         if "lora_B" in k:
             assert np.linalg.norm(he_adapter[k] - plain_value) < 0.01 * np.linalg.norm(plain_value), k
+
+
+def test_an_overflow_prone_setting_stops_the_job_naming_the_setting(federation, deployed_kits, tmp_path):
+    job = derive_job(REPO / "jobs" / "fedlora_he", tmp_path, num_rounds=1, local_steps=1)
+    client = job / "app" / "config" / "config_fed_client.json"
+    cfg = json.loads(client.read_text())
+    next(c for c in cfg["components"] if c["id"] == "site_encryption")["args"]["packing"]["max_sites"] = 64
+    client.write_text(json.dumps(cfg))
+    job_id = federation.submit(job)
+    with pytest.raises(FederationError, match=f"job {job_id} ended"):
+        federation.wait(job_id, on_progress=None, timeout=600)
+    logs = {site: (deployed_kits.clients[site] / job_id / "log.txt").read_text() for site in SITES}
+    assert not any((deployed_kits.clients[site] / job_id / "global_adapter").exists() for site in SITES)
+    # The first site to answer its train task with the error ends the job (ignore_result_error: false), so
+    # a slower site may be stopped before it gets that far.
+    setup_failed = (
+        "encryption set-up failed: job config, component hospital_fedlora.site_encryption.SiteEncryption, "
+        "args 'packing': max_sites=64 is more than"
+    )
+    refused = "Processing error from Task Data Filters : RuntimeError: encryption is not set up at this site"
+    assert any(setup_failed in log and refused in log for log in logs.values()), logs
