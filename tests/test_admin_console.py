@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from deployment_helpers import SITES, wait_until
+from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
+from hospital_fedlora.local_federation import LocalFederation
 
 pytest_plugins = ["federation_fixtures"]
 
@@ -27,9 +28,9 @@ def _env() -> dict:
     return env
 
 
-def console(admin_kit: Path, *commands: str) -> str:
+def console(admin_kit: Path, *commands: str, user: str = ADMIN) -> str:
     """Type the user name, then ``commands``, then ``bye`` into the admin console; return what it printed."""
-    typed = "\n".join([ADMIN, *commands, "bye"]) + "\n"
+    typed = "\n".join([user, *commands, "bye"]) + "\n"
     proc = subprocess.run(
         ["bash", str(admin_kit / "startup" / "fl_admin.sh")],
         input=typed, capture_output=True, text=True, env=_env(), timeout=120,
@@ -96,3 +97,57 @@ def test_nvflare_job_cli_submits_lists_aborts_and_downloads(federation, complete
     done = completed_job["job_id"]
     nvflare_job(admin_kit, "download", done, "-o", str(tmp_path / "result"))
     assert list((tmp_path / "result").rglob("global_adapter/adapter_model.safetensors"))
+
+
+def test_flare_api_session_as_in_the_operator_guide(federation, completed_job, admin_kit, tmp_path):
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    session = new_secure_session(ADMIN, str(admin_kit))
+    try:
+        job_id = completed_job["job_id"]
+        assert session.wait_for_job(job_id)["status"] == "FINISHED:COMPLETED"
+        result = Path(session.download_job_result(job_id, destination=str(tmp_path)))
+        assert (result / "workspace" / "global_adapter" / "adapter_model.safetensors").is_file()
+    finally:
+        session.close()
+
+
+# ------------------------------------------------------------------- a hospital's own admin (org_admin)
+@pytest.fixture(scope="module")
+def two_hospitals(tmp_path_factory):
+    kits = provision_into(tmp_path_factory.mktemp("org_admin"), free_port(), REPO / "site_configs")
+    with LocalFederation(kits, clients=["hospital-a", "hospital-b"], echo=lambda s: None) as fed:
+        yield fed
+    assert not fed.processes()
+
+
+def test_org_admin_operates_only_its_own_site(two_hospitals, small_job):
+    fed = two_hospitals
+    kit = fed.kits.admins["admin@hospital-a.org"]
+    as_org_admin = dict(user="admin@hospital-a.org")
+
+    out = console(kit, "check_status client", **as_org_admin)
+    assert "hospital-a" in out and "hospital-b" in out  # may look at everyone
+
+    out = console(kit, f"submit_job {small_job}", **as_org_admin)
+    assert "Submitted job" not in out and "not authorized" in out.lower(), out
+
+    # shutdown asks the operator to confirm by typing their user name again
+    out = console(kit, "shutdown client hospital-b", "admin@hospital-a.org", **as_org_admin)
+    assert "not authorized" in out.lower(), out
+    assert "hospital-b" in fed.connected_clients()
+
+    out = console(kit, "shutdown client hospital-a", "admin@hospital-a.org", **as_org_admin)
+    hospital_a = fed.kits.clients["hospital-a"]
+    wait_until(lambda: not [p for p in fed.processes() if str(hospital_a) in _cmdline(p)], 60,
+               "hospital-a's processes (client and watchdog) to exit")  # fmt: skip
+    watchdog = (hospital_a / "console.txt").read_text()
+    assert "Gracefully shutdown." in watchdog or "About to shutdown." in watchdog  # asked to stop, not killed
+    wait_until(lambda: fed.connected_clients() == {"hospital-b"}, 60, "the server to drop hospital-a")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -1,0 +1,156 @@
+"""The real deployment path, measured: kits to first round, idle memory, and round overhead vs the simulator.
+
+In one run on one machine:
+
+1. ``python -m hospital_fedlora.kits`` (what ``make kits`` runs) into a temporary workspace, with a free port;
+2. server and three hospitals started from their kits (``LocalFederation``); idle RSS of every FLARE
+   process once all hospitals are connected and no job runs;
+3. the plaintext job (shortened) submitted through the FLARE API; time to the server's "Round 0 started";
+   peak RSS of the job processes; per-round overhead (round wall time minus the slowest site's whole train
+   task, as ``bench_round_overhead.py`` defines it);
+4. the same job in the FLARE simulator, for the same overhead figure.
+
+Writes ``<out>/deployment.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_round_overhead import round_overheads, summarize  # noqa: E402
+
+from hospital_fedlora.demo import derive_job, run_simulator  # noqa: E402
+from hospital_fedlora.kits import latest_prod_dir  # noqa: E402
+from hospital_fedlora.local_federation import LocalFederation  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+_ROLES = {
+    "nvflare.private.fed.app.server.server_train": "server",
+    "nvflare.private.fed.app.client.client_train": "client",
+    "nvflare.private.fed.app.server.runner_process": "server_job",
+    "nvflare.private.fed.app.client.worker_process": "client_job",
+}
+
+
+def _role(pid: int) -> str | None:
+    """Which FLARE process ``pid`` is, from its command line."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    return next((role for module, role in _ROLES.items() if module in args), None)
+
+
+def _rss_by_role(fed: LocalFederation) -> dict[str, list[float]]:
+    out: dict[str, list[float]] = {}
+    for pid in fed.processes():
+        role = _role(pid)
+        if role:
+            out.setdefault(role, []).append(round(_rss_mb(pid), 1))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    args = p.parse_args(argv)
+
+    (REPO / "workspace").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=REPO / "workspace", prefix="bench-deploy-") as tmp:
+        tmp = Path(tmp)
+        project = yaml.safe_load((REPO / "provisioning" / "project.yml").read_text())
+        port = _free_port()
+        for participant in project["participants"]:
+            if participant["type"] == "server":
+                participant["fed_learn_port"] = participant["admin_port"] = port
+        (tmp / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
+        job = derive_job(REPO / "jobs" / "fedlora_plain", tmp, args.rounds, args.steps)
+
+        t0 = time.monotonic()
+        subprocess.run(
+            [sys.executable, "-m", "hospital_fedlora.kits", "--project", str(tmp / "project.yml"),
+             "--workspace", str(tmp / "kits"), "--site-configs", str(REPO / "site_configs")],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        kits_s = time.monotonic() - t0
+
+        first_round_at = None
+        peak: dict[str, float] = {}
+
+        def on_progress(ev):
+            nonlocal first_round_at
+            if ev.event == "round_started" and first_round_at is None:
+                first_round_at = time.monotonic()
+            for role, values in _rss_by_role(fed).items():
+                peak[role] = max(peak.get(role, 0.0), *values)
+
+        fed = LocalFederation(latest_prod_dir(tmp / "kits"), echo=lambda s: None)
+        with fed:
+            connected_s = time.monotonic() - t0
+            time.sleep(10)  # let start-up work settle before calling it idle
+            idle = _rss_by_role(fed)
+            submitted = time.monotonic()
+            job_id = fed.submit(job)
+            fed.wait(job_id, on_progress=on_progress, poll_interval=0.5)
+            result = fed.download(job_id, tmp / "results")
+            job_log = (result / "workspace" / "log.txt").read_text()  # the server's job log
+        deployed = summarize(round_overheads(job_log, result / "workspace" / "round_metrics.jsonl"))
+
+        sim_dir = run_simulator(job, tmp / "sim", show=lambda s: None)
+        simulated = summarize(round_overheads((tmp / "sim.log").read_text(), sim_dir / "round_metrics.jsonl"))
+
+    report = {
+        "job": f"jobs/fedlora_plain, {args.rounds} rounds of {args.steps} local steps, 3 hospitals",
+        "kits_s": round(kits_s, 1),
+        "kits_to_all_connected_s": round(connected_s, 1),
+        "submit_to_first_round_s": round(first_round_at - submitted, 1),
+        "kits_to_first_round_s": round(first_round_at - t0 - 10, 1),  # less the idle-memory pause
+        "idle_rss_mb": idle,
+        "peak_rss_mb_during_job": {k: round(v, 1) for k, v in peak.items()},
+        "deployed": deployed,
+        "simulator": simulated,
+        "median_overhead_deployed_minus_simulator_s": round(
+            deployed["median_overhead_s"] - simulated["median_overhead_s"], 3
+        ),
+        "cpu_count": os.cpu_count(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "deployment.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
