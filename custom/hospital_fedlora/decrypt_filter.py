@@ -3,8 +3,9 @@
 The server sends log entries (``PACKED_BFV_ADAPTER_LOG``), usually only the latest round's aggregate,
 more when some site missed rounds, the whole log for the final evaluation. For each entry this filter
 checks its SHA-256, skips it if this site applied it already, refuses to skip ahead over a round it
-lacks, checks that the clear total weight follows from the clear example counts, then decrypts, unpacks, divides by the round's total weight, dequantizes and adds the round's
-average change to the site's cumulative change. The DXO handed to the executor is that cumulative change,
+lacks, checks that the clear total weight follows from the clear example counts, then decrypts, unpacks,
+divides by the round's total weight, dequantizes and adds the round's average change to the site's
+cumulative change. The DXO handed to the executor is that cumulative change,
 ``WEIGHT_DIFF`` relative to the seeded initial adapter every site creates identically (an empty dict
 before the first round), so every site ends up with the same global adapter.
 
@@ -83,7 +84,8 @@ class DecryptFilter(DXOFilter):
                 f"({len(entries) - len(new)} received entries already applied); rounds applied: {_span(self.applied)}",
             )
         data = {k: v.to(torch.float32).numpy() for k, v in self.change.items()}
-        return DXO(DataKind.WEIGHT_DIFF, data=data, meta={RELATIVE_TO: INITIAL_ADAPTER, APPLIED_ROUNDS: list(self.applied)})
+        meta = {RELATIVE_TO: INITIAL_ADAPTER, APPLIED_ROUNDS: list(self.applied)}
+        return DXO(DataKind.WEIGHT_DIFF, data=data, meta=meta)
 
     def _add(self, entries: list[LogEntry], enc: SiteEncryption, site: str, fl_ctx: FLContext):
         """The cumulative change with ``entries`` added; nothing is kept if any of them fails."""
@@ -94,7 +96,9 @@ class DecryptFilter(DXOFilter):
             source = f"{site}: round {e.round} aggregate"
             this = AdapterLayout.from_manifest(list(e.layout), source=source)
             if layout is not None and this != layout:
-                raise LogError(f"{source}: its adapter layout {this.fingerprint()} differs from earlier rounds' {layout.fingerprint()}")
+                raise LogError(
+                    f"{source}: its adapter layout {this.fingerprint()} differs from earlier rounds' {layout.fingerprint()}"
+                )
             layout = this
             self._check_weights(e, s.full_weight, source)
             sums = decrypt_ints(enc.context, list(e.chunks), plan, e.n_values, e.n_sites, round_tag(e.round), source)

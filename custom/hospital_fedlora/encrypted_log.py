@@ -140,8 +140,12 @@ class LogEntry:
                 total_weight=_positive(d["total_weight"], "total_weight"),
                 n_values=_int(d["n_values"], "n_values", 1),
                 layout=tuple(dict(m) for m in d["layout"]),
-                site_weights={str(k): _int(v, f"site_weights[{k!r}]", 0) for k, v in dict(d.get("site_weights") or {}).items()},
-                weight_factors={str(k): _positive(v, f"weight_factors[{k!r}]") for k, v in dict(d.get("weight_factors") or {}).items()},
+                site_weights={
+                    str(k): _int(v, f"site_weights[{k!r}]", 0) for k, v in dict(d.get("site_weights") or {}).items()
+                },
+                weight_factors={
+                    str(k): _positive(v, f"weight_factors[{k!r}]") for k, v in dict(d.get("weight_factors") or {}).items()
+                },
             )
         except KeyError as err:
             raise LogError(f"{source}: field {err} is missing") from None

@@ -69,7 +69,8 @@ class EncryptedLogGenerator(ShareableGenerator):
             raise LogError(f"expected the encrypted aggregate ({PACKED_BFV_WEIGHT_DIFF_SUM}), got {dxo.data_kind}")
         chunks = dxo.data.get("chunks")
         rnd = dxo.get_meta_prop("round", fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
-        fields = {k: dxo.get_meta_prop(k) for k in ("n_sites", "total_weight", "n_values", "layout", "site_weights", "weight_factors")}
+        names = ("n_sites", "total_weight", "n_values", "layout", "site_weights", "weight_factors")
+        fields = {k: dxo.get_meta_prop(k) for k in names}
         entry = LogEntry.from_dict(
             {"round": rnd, "chunks": chunks, "sha256": chunks_digest(chunks or []), **fields},
             source=f"round {rnd} aggregate",

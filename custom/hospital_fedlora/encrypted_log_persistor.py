@@ -88,7 +88,8 @@ class EncryptedLogPersistor(ModelPersistor):
             e.verify()
             self._append(folder, e)
             self._written[e.round] = e.sha256
-            self.log_info(fl_ctx, f"round {e.round}: encrypted aggregate saved to {folder / round_file(e.round)} ({e.nbytes:,} bytes)")
+            saved = folder / round_file(e.round)
+            self.log_info(fl_ctx, f"round {e.round}: encrypted aggregate saved to {saved} ({e.nbytes:,} bytes)")
         self._latest = model
 
     def _append(self, folder: Path, e: LogEntry) -> None:

@@ -92,7 +92,9 @@ class EncryptedSumAggregator(Aggregator):
             self._rejected[site] = reason
             self.log_error(fl_ctx, f"rejected contribution from {site}: {reason}")
             return False
-        self.log_info(fl_ctx, f"accepted contribution from {site} (weight {self._factors[site]:.4f}, {self._counts[site]} examples)")
+        self.log_info(
+            fl_ctx, f"accepted contribution from {site} (weight {self._factors[site]:.4f}, {self._counts[site]} examples)"
+        )
         return True
 
     def _check_and_add(self, site: str, shareable: Shareable, fl_ctx: FLContext) -> str | None:

@@ -81,7 +81,9 @@ class SiteEncryption(FLComponent):
     ):
         """``context_file``: the hospital's key file, default ``<kit>/startup/client_bfv_context.tenseal``."""
         super().__init__()
-        self.settings = parse_settings(clip=clip, full_weight=full_weight, packing=packing or {}, rounding_seed=rounding_seed)
+        self.settings = parse_settings(
+            clip=clip, full_weight=full_weight, packing=packing or {}, rounding_seed=rounding_seed
+        )
         self.context_file = context_file
         self._context: BFVContext | None = None
         self._plan: LanePlan | None = None
@@ -112,8 +114,8 @@ class SiteEncryption(FLComponent):
         s = self.settings
         self.log_info(
             fl_ctx,
-            f"BFV key {context.key_id} from {origin}: int{plan.bits}, {plan.lanes_per_slot} lanes of {plan.lane_bits} bits per slot "
-            f"(up to {plan.max_sites} sites), clip {s.clip}, full weight at {s.full_weight:g} examples",
+            f"BFV key {context.key_id} from {origin}: int{plan.bits}, {plan.lanes_per_slot} lanes of {plan.lane_bits} "
+            f"bits per slot (up to {plan.max_sites} sites), clip {s.clip}, full weight at {s.full_weight:g} examples",
         )
 
     def ready(self, fl_ctx: FLContext) -> "SiteEncryption":
