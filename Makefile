@@ -30,10 +30,13 @@ data: setup $(WORK)/data/hospital-a/train.jsonl
 $(WORK)/data/hospital-a/train.jsonl: | $(VENV)/.installed
 	$(PY) -m hospital_fedlora.synthetic_notes --out $(WORK)/data
 
-demo-sim: base-model data
-	$(PY) -m hospital_fedlora.demo --workspace $(WORK)
+# The main job on the real path: kits on 127.0.0.1, encrypted aggregation (jobs/fedlora_he).
+demo: base-model data kits
+	$(PY) -m hospital_fedlora.demo --mode real --workspace $(WORK)
 
-demo: demo-sim
+# The plaintext job in FLARE's simulator (one process tree, no kits).
+demo-sim: base-model data
+	$(PY) -m hospital_fedlora.demo --mode simulator --workspace $(WORK)
 
 # Startup kits for everyone in provisioning/project.yml, ready to run (docs/admin.md).
 kits: setup

@@ -1,8 +1,14 @@
-"""``make demo-sim``: run a job for three hospitals in the FLARE simulator and report what was learnt.
+"""``make demo`` and ``make demo-sim``: run a job for three hospitals and report what was learnt.
 
-Prints FLARE's round progress live, then a per-round table (each site's train and validation loss), and
-ends with base model versus federated adapter validation loss for every hospital, as each hospital
-measured it on its own validation split.
+``--mode real`` (``make demo``, the encrypted job by default): the server and three hospitals start from
+their provisioned startup kits as separate processes on 127.0.0.1, the admin submits the job through the
+FLARE API, follows it round by round, downloads the result, and everything is stopped.
+``--mode simulator`` (``make demo-sim``, the plaintext job by default): the same job code in FLARE's
+simulator.
+
+Both print progress live, then a per-round table (each site's train and validation loss), and end with
+base model versus federated adapter validation loss for every hospital, as each hospital measured it on
+its own validation split.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from pathlib import Path
 
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
-from .kits import PACKAGE_ALLOW_PREFIX
+from .kits import PACKAGE_ALLOW_PREFIX, KitError, latest_prod_dir
+from .local_federation import FederationError, LocalFederation, Progress, print_progress
 from .lora_executor import SITE_CONFIGS_ENV
 from .round_metrics_log import ROUND_METRICS_FILE
 
@@ -112,19 +119,57 @@ def comparison_table(final: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def run_real(job_dir: Path, kits_workspace: Path, results: Path, show=print) -> tuple[Path, list[Path]]:
+    """Run ``job_dir`` on the latest provisioned kits; return the downloaded server run folder and the
+    final adapters (the server's for the plaintext job, each hospital's own for the encrypted one)."""
+    prod = latest_prod_dir(kits_workspace)
+    show(f"Starting the server and {', '.join(SITES)} from their startup kits in {prod} ...")
+    with LocalFederation(prod) as fed:
+        job_id = fed.submit(job_dir)
+        show(f"Submitted {job_dir.name} as the admin through the FLARE API: job {job_id}")
+        metrics_file = fed.kits.server / job_id / ROUND_METRICS_FILE
+
+        def progress(p: Progress) -> None:
+            print_progress(p)
+            if p.event == "round_finished" and metrics_file.is_file():
+                last = json.loads(metrics_file.read_text().splitlines()[-1])
+                for site, m in sorted(last["site_metrics"].items()):
+                    show(f"           {site}: train loss {m['train_loss']:.4f}, validation loss "
+                         f"{m['val_loss_global']:.4f} -> {m['val_loss_local']:.4f}")
+
+        fed.wait(job_id, on_progress=progress)
+        run_dir = fed.download(job_id, results) / "workspace"
+        adapters = [fed.kits.server / job_id / "global_adapter"] + [
+            kit / job_id / "global_adapter" for kit in fed.clients.values()
+        ]
+    show("Federation stopped; no FLARE process is left.")
+    return run_dir, [a for a in adapters if a.is_dir()]
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("real", "simulator"), default="real")
     p.add_argument("--workspace", type=Path, default=REPO_ROOT / "workspace")
-    p.add_argument("--job", type=Path, default=REPO_ROOT / "jobs" / "fedlora_plain")
+    p.add_argument("--job", type=Path, help="default: jobs/fedlora_he (real), jobs/fedlora_plain (simulator)")
     args = p.parse_args(argv)
-    sim_ws = args.workspace / "simulator" / args.job.name
-    print(f"Running {args.job.name} in the FLARE simulator with {', '.join(SITES)} (workspace {sim_ws})")
-    run_dir = run_simulator(args.job, sim_ws)
+    job = args.job or REPO_ROOT / "jobs" / ("fedlora_he" if args.mode == "real" else "fedlora_plain")
+    if args.mode == "simulator":
+        sim_ws = args.workspace / "simulator" / job.name
+        print(f"Running {job.name} in the FLARE simulator with {', '.join(SITES)} (workspace {sim_ws})")
+        run_dir = run_simulator(job, sim_ws)
+        adapters = [run_dir / "global_adapter"]
+    else:
+        try:
+            run_dir, adapters = run_real(job, args.workspace / "kits", args.workspace / "results")
+        except (FederationError, KitError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     print("\nPer round (validation loss of the received global adapter, then after local training):")
     print(round_table(run_dir))
     print("\nFinal global adapter, validation loss measured at each hospital:")
     print(comparison_table(final_comparison(run_dir)))
-    print(f"\nFinal adapter (PEFT format): {run_dir / 'global_adapter'}")
+    print(f"\nServer's job result: {run_dir}")
+    print("Final adapter (PEFT format):" + "".join(f"\n  {a}" for a in adapters))
     return 0
 
 
