@@ -163,9 +163,10 @@ def test_a_hospital_prepares_its_unpacked_kit_with_its_own_site_config(kits, tmp
 
 
 def test_kit_preparation_refuses_a_site_config_for_another_site_or_role(kits, tmp_path, capsys):
-    assert kits_main(["--kit", str(kits.clients["hospital-c"]), "--site-config", str(REPO / "site_configs" / "hospital-a.yaml")]) == 1
+    hospital_a = str(REPO / "site_configs" / "hospital-a.yaml")
+    assert kits_main(["--kit", str(kits.clients["hospital-c"]), "--site-config", hospital_a]) == 1
     assert "field 'site' is 'hospital-a' but this client is 'hospital-c'" in capsys.readouterr().err
-    assert kits_main(["--kit", str(kits.server), "--site-config", str(REPO / "site_configs" / "hospital-a.yaml")]) == 1
+    assert kits_main(["--kit", str(kits.server), "--site-config", hospital_a]) == 1
     assert "only a hospital's kit takes a site config" in capsys.readouterr().err
 
 

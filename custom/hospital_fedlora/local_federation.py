@@ -287,6 +287,7 @@ class LocalFederation:
         if not self._started:
             return
         self._started = False
+        self._deferring = True  # a second Ctrl-C must not cut the clean-up short; it is bounded in time
         try:
             if self.session is not None and self.processes():
                 self._shutdown_through_api()
@@ -294,6 +295,7 @@ class LocalFederation:
             self._close_session()
             self._kill_remaining()
             self._restore_signal_handler()
+            self._deferring, self._pending_signal = False, None
             atexit.unregister(self.stop)
         left = self.processes()
         if left:
@@ -331,7 +333,9 @@ class LocalFederation:
         for pid in self.processes():
             if _cmdline(pid).endswith("sub_start.sh"):
                 _signal(pid, signal.SIGKILL)
-        for pgid in self._pgids:
+        # The groups of our start.sh shells: only those that still hold a process of ours.
+        live_groups = {_pgid(pid) for pid in self.processes()}
+        for pgid in set(self._pgids) & live_groups:
             try:
                 os.killpg(pgid, signal.SIGTERM)
             except (ProcessLookupError, PermissionError):
@@ -368,7 +372,9 @@ class LocalFederation:
                 f.seek(self._console_offsets.get(kit, 0))
                 starts = f.read().count(b"new pid ")
             if starts >= 2:
-                raise FederationError(f"{kit.name} keeps exiting after start; last lines of its logs:\n{_log_tails(kit)}")
+                raise FederationError(
+                    f"{kit.name} keeps exiting after start; last lines of its logs:\n{_log_tails(kit)}"
+                )
 
     def _install_signal_handler(self) -> None:
         """SIGTERM and Ctrl-C unwind through ``__exit__``/``finally``, which call ``stop()``."""
@@ -477,6 +483,13 @@ def _cwd(pid: int) -> str:
         return ""
 
 
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)
@@ -532,8 +545,12 @@ def _num_rounds(job_dir: Path) -> int | None:
 
 # -------------------------------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m hospital_fedlora.local_federation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kits", default="workspace/kits", help="a prod_NN folder, or the provisioning workspace (latest kits)")
+    parser = argparse.ArgumentParser(
+        prog="python -m hospital_fedlora.local_federation", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--kits", default="workspace/kits", help="a prod_NN folder, or the provisioning workspace (latest kits)"
+    )
     parser.add_argument("--job", required=True, help="FLARE job folder to submit")
     parser.add_argument("--results", default="workspace/results", help="where the job's result is downloaded")
     parser.add_argument("--admin", default=DEFAULT_ADMIN)
