@@ -55,6 +55,7 @@ bench: base-model data
 	$(PY) tests/benchmarks/bench_training_throughput.py --workspace $(WORK) --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_round_overhead.py --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_he_aggregation.py --out docs/benchmarks
+	$(PY) tests/benchmarks/bench_deployment.py --out docs/benchmarks
 
 clean:
 	rm -rf $(WORK) .pytest_cache
