@@ -1,4 +1,5 @@
-"""BFVContextBuilder through a real `nvflare provision`: who gets which key, and that the files are signed."""
+"""BFVContextBuilder through a real `nvflare provision`: who gets which key, that the files are signed, and
+that the key set stays with the provisioning workspace (kept in its state folder) until rotated."""
 
 import os
 import shutil
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from nvflare.fuel.sec.security_content_service import LoadResult, SecurityContentManager
+from nvflare.lighter.ctx import ProvisionContext
 from nvflare.lighter.provision import prepare_project
 
-from hospital_fedlora.bfv_builder import BFVContextBuilder
+from hospital_fedlora.bfv_builder import STATE_FILE, BFVContextBuilder
 from hospital_fedlora.packed_bfv import (
     CLIENT_CONTEXT_FILE,
     SERVER_CONTEXT_FILE,
@@ -64,12 +66,20 @@ CKKS = "\n  - path: nvflare.lighter.impl.he.HEBuilder\n"
 SIGN = "\n  - path: nvflare.lighter.impl.signature.SignatureBuilder\n"
 
 
-def provision(tmp_path: Path, builders: str) -> subprocess.CompletedProcess:
+HOSPITAL_C = """
+  - name: hospital-c
+    type: client
+    org: hospital_c
+"""
+
+
+def provision(tmp_path: Path, builders: str, participants: str = PARTICIPANTS) -> subprocess.CompletedProcess:
     (tmp_path / "project.yml").write_text(
-        f"api_version: 3\nname: bfvtest\ndescription: test\n{PARTICIPANTS}\nbuilders:{builders}"
+        f"api_version: 3\nname: bfvtest\ndescription: test\n{participants}\nbuilders:{builders}"
     )
     return subprocess.run(
-        [NVFLARE, "provision", "-p", "project.yml", "-w", "ws"],
+        # --force: provisioning again into an existing workspace, as admins do to add a hospital
+        [NVFLARE, "provision", "-p", "project.yml", "-w", "ws", "--force"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -78,8 +88,16 @@ def provision(tmp_path: Path, builders: str) -> subprocess.CompletedProcess:
     )
 
 
-def kits(tmp_path: Path) -> Path:
-    return tmp_path / "ws" / "bfvtest" / "prod_00"
+def kits(tmp_path: Path, n: int = 0) -> Path:
+    return tmp_path / "ws" / "bfvtest" / f"prod_{n:02d}"
+
+
+def state_file(tmp_path: Path) -> Path:
+    return tmp_path / "ws" / "bfvtest" / "state" / STATE_FILE
+
+
+def client_context(prod: Path, site: str = "hospital-a"):
+    return load_context_file(prod / site / "startup" / CLIENT_CONTEXT_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +175,7 @@ def test_bad_builder_args_are_named_in_the_provision_output(tmp_path):
     assert not (kits(tmp_path) / "localhost").exists()
 
 
-def test_noise_room_is_checked_against_the_projects_clients():
+def test_noise_room_is_checked_against_the_projects_clients(tmp_path):
     project = prepare_project(
         {
             "api_version": 3,
@@ -168,5 +186,65 @@ def test_noise_room_is_checked_against_the_projects_clients():
         }
     )
     with pytest.raises(ValueError, match="BFVContextBuilder: max_sites=33 .*plain_modulus_bits <= 57"):
-        BFVContextBuilder(plain_modulus_bits=58).initialize(project, None)
-    BFVContextBuilder(plain_modulus_bits=57).initialize(project, None)
+        BFVContextBuilder(plain_modulus_bits=58).initialize(project, ProvisionContext(str(tmp_path / "a"), project))
+    BFVContextBuilder(plain_modulus_bits=57).initialize(project, ProvisionContext(str(tmp_path / "b"), project))
+
+
+# ------------------------------------------------------------------------------ key state across runs
+@pytest.fixture(scope="module")
+def reprovisioned(tmp_path_factory):
+    """One workspace provisioned twice: the second time with a third hospital added."""
+    tmp = tmp_path_factory.mktemp("again")
+    first = provision(tmp, HEAD + OURS + SIGN)
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = provision(tmp, HEAD + OURS + SIGN, PARTICIPANTS + HOSPITAL_C)
+    assert second.returncode == 0, second.stdout + second.stderr
+    return tmp
+
+
+def test_provisioning_again_in_the_same_workspace_keeps_the_key(reprovisioned):
+    old, new = kits(reprovisioned, 0), kits(reprovisioned, 1)
+    old_a, new_a, new_c = client_context(old), client_context(new), client_context(new, "hospital-c")
+    server = load_context_file(new / "localhost" / "startup" / SERVER_CONTEXT_FILE)
+    assert old_a.key_id == new_a.key_id == new_c.key_id == server.key_id
+    assert load_context_file(state_file(reprovisioned)).key_id == old_a.key_id
+    assert oct(state_file(reprovisioned).stat().st_mode)[-3:] == "600"
+    # The new hospital's uploads, summed by the new server, open with a kit handed out the first time.
+    plan = plan_lanes(PackingSettings(bits=16, max_sites=3), server)
+    xa, xc = torch.arange(-1000, 1000), torch.arange(1000, -1000, -1) * 3
+    agg = add_encrypted(server, [encrypt_ints(old_a, xa, plan), encrypt_ints(new_c, xc, plan)])
+    assert torch.equal(decrypt_ints(old_a, agg, plan, 2000, 2), xa + xc)
+    assert torch.equal(decrypt_ints(new_a, agg, plan, 2000, 2), xa + xc)
+
+
+def test_another_workspace_gets_another_key(reprovisioned, provisioned):
+    ours, theirs = client_context(kits(reprovisioned)), client_context(provisioned)
+    assert ours.key_id != theirs.key_id
+    plan = plan_lanes(PackingSettings(bits=8, max_sites=2), ours)
+    with pytest.raises(ValueError, match="encrypted under key"):
+        decrypt_ints(theirs, encrypt_ints(ours, torch.arange(10), plan), plan, 10, 1)
+
+
+def test_changed_params_are_refused_until_the_keys_are_rotated(tmp_path):
+    assert provision(tmp_path, HEAD + OURS + SIGN).returncode == 0
+    state = state_file(tmp_path)
+    kept = state.read_bytes()
+    first = client_context(kits(tmp_path, 0))
+
+    done = provision(tmp_path, HEAD + OURS.replace("4096", "8192") + SIGN)
+    assert done.returncode != 0
+    out = " ".join((done.stdout + done.stderr).split())
+    assert "poly_modulus_degree: 8192, plain_modulus_bits: 58 differ" in out
+    assert "set the args back to those values" in out and "poly_modulus_degree: 4096, plain_modulus_bits: 58" in out
+    assert f"delete {state} and provision again" in out
+    assert state.read_bytes() == kept
+
+    state.unlink()  # rotation
+    done = provision(tmp_path, HEAD + OURS.replace("4096", "8192") + SIGN)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rotated = client_context(max((tmp_path / "ws" / "bfvtest").glob("prod_*")))
+    assert rotated.key_id != first.key_id and rotated.poly_modulus_degree == 8192
+    assert load_context_file(state).key_id == rotated.key_id
+    plan = plan_lanes(PackingSettings(bits=8, max_sites=2), rotated)
+    with pytest.raises(ValueError, match="encrypted under key"):
+        decrypt_ints(first, encrypt_ints(rotated, torch.arange(10), plan), plan, 10, 1)

@@ -1,4 +1,4 @@
-"""Provisioning builder: one BFV key set per provisioning, written into every participant's startup kit.
+"""Provisioning builder: one BFV key set per provisioning workspace, written into every participant's startup kit.
 
 In ``provisioning/project.yml``, after ``CertBuilder`` and before ``SignatureBuilder``::
 
@@ -15,6 +15,13 @@ What it writes (file names in ``hospital_fedlora.packed_bfv``):
 * every client: ``startup/client_bfv_context.tenseal``, the same parameters with the one secret key all
   hospitals share (mode 0600).
 * admin kits: nothing.
+
+Key state. Like ``CertBuilder`` keeps the root CA in the provisioning workspace's ``state/`` folder, this
+builder keeps the key set (secret key included, mode 0600) in ``<workspace>/<project>/state/bfv_context.tenseal``
+and reuses it on every later provisioning into that workspace, so adding a hospital does not invalidate the
+kits already handed out. The file's header records the parameters it was made with; if ``args`` no longer
+match them, provisioning stops and says to either restore the args or rotate. Rotating the keys = deleting
+that file and provisioning again (every hospital and the server then need their new kit).
 
 Signing. NVFlare's ``SignatureBuilder`` signs a kit's ``startup/`` and ``local/`` folders only when it
 finds one of *its* context names there (``server_context.tenseal`` / ``client_context.tenseal``, written
@@ -45,10 +52,15 @@ from .packed_bfv import (
     BFVContext,
     BFVParams,
     PackingSettings,
+    batching_prime,
+    load_context_file,
     make_context,
     plan_lanes,
     serialize_context,
 )
+
+
+STATE_FILE = "bfv_context.tenseal"
 
 
 class BFVContextBuilder(Builder):
@@ -61,17 +73,40 @@ class BFVContextBuilder(Builder):
                 f"project.yml, builder hospital_fedlora.bfv_builder.BFVContextBuilder, args: {problems}"
             ) from None
         self._context: BFVContext | None = None
+        self._new_state: str | None = None  # state file to write in finalize, when the keys are new
         self._written: list[tuple[object, str]] = []
 
     def initialize(self, project: Project, ctx: ProvisionContext):
         n_clients = max(1, len(project.get_clients()))
-        self._context = make_context(self.params)
+        state = os.path.join(ctx.get_state_dir(), STATE_FILE)
+        if os.path.exists(state):
+            self._context = self._load_state(state)
+            self._new_state = None
+        else:
+            self._context = make_context(self.params)
+            self._new_state = state
         try:
             # The noise room must at least cover every client of this project contributing once.
             plan_lanes(PackingSettings(bits=8, max_sites=n_clients), self._context)
         except ValueError as err:
             raise ValueError(f"project.yml, BFVContextBuilder: {err}") from None
         self._written = []
+
+    def _load_state(self, state: str) -> BFVContext:
+        context = load_context_file(state)
+        if not context.has_secret_key:
+            raise ValueError(f"{state}: holds no secret key; it is damaged. Restore it from a backup, or rotate the BFV keys")
+        stored = (context.poly_modulus_degree, context.plain_modulus.bit_length())
+        wanted = (self.params.poly_modulus_degree, self.params.plain_modulus_bits)
+        if (context.poly_modulus_degree, context.plain_modulus) != (wanted[0], batching_prime(wanted[1], wanted[0])):
+            raise ValueError(
+                f"project.yml, BFVContextBuilder args poly_modulus_degree: {wanted[0]}, plain_modulus_bits: {wanted[1]} "
+                f"differ from the BFV keys this workspace already handed out ({state}: poly_modulus_degree: "
+                f"{stored[0]}, plain_modulus_bits: {stored[1]}). Either set the args back to those values to keep "
+                f"the existing kits valid, or rotate the keys: delete {state} and provision again, then hand every "
+                "hospital and the server its new kit"
+            )
+        return context
 
     def build(self, project: Project, ctx: ProvisionContext):
         assert self._context is not None, "initialize() runs before build()"
@@ -81,17 +116,14 @@ class BFVContextBuilder(Builder):
         client_bytes = serialize_context(self._context, secret=True)
         for client in project.get_clients():
             self._write(ctx, client, CLIENT_CONTEXT_FILE, client_bytes, 0o600)
+        origin = "new, kept in the workspace state" if self._new_state else "reused from the workspace state"
         ctx.info(
-            f"BFVContextBuilder: key {self._context.key_id} (poly_modulus_degree {self.params.poly_modulus_degree}, "
+            f"BFVContextBuilder: key {self._context.key_id} ({origin}; poly_modulus_degree {self.params.poly_modulus_degree}, "
             f"plain modulus {self._context.plain_modulus}) written to {len(self._written)} kits"
         )
 
     def _write(self, ctx: ProvisionContext, participant, name: str, data: bytes, mode: int) -> None:
-        path = os.path.join(ctx.get_kit_dir(participant), name)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(path, mode)
+        _write_file(os.path.join(ctx.get_kit_dir(participant), name), data, mode)
         self._written.append((participant, name))
 
     def finalize(self, project: Project, ctx: ProvisionContext):
@@ -107,7 +139,24 @@ class BFVContextBuilder(Builder):
                 )
             sign_folders(kit_dir, root_key, signature_file=ProvFileName.SIGNATURE_JSON)
             sign_folders(ctx.get_local_dir(participant), root_key, signature_file=ProvFileName.SIGNATURE_JSON)
-        self._context = None  # the secret key lives on in the client kits only
+        if self._new_state:
+            # Written last, so a failed provisioning leaves no key set that no kit holds.
+            _write_private(self._new_state, serialize_context(self._context, secret=True))
+        self._context = None  # the secret key lives on in the client kits and the workspace state only
+
+
+def _write_file(path: str, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    os.fchmod(fd, mode)  # O_CREAT's mode does not apply to a file that already exists
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _write_private(path: str, data: bytes) -> None:
+    # Via a temporary name: an interrupted write must not leave a truncated key set to be reused.
+    tmp = f"{path}.tmp"
+    _write_file(tmp, data, 0o600)
+    os.replace(tmp, path)
 
 
 def _signed(kit_dir: str, name: str) -> bool:
