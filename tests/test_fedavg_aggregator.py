@@ -5,7 +5,7 @@ import pytest
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
-from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.shareable import make_reply
 from nvflare.app_common.app_constant import AppConstants
 
 from hospital_fedlora.fedavg_aggregator import FedAvgAdapterAggregator

@@ -7,7 +7,6 @@ Keys are PEFT's own (``get_peft_model_state_dict``), so a saved file is exactly 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +16,8 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.numpy import load_file, save_file
+
+from .atomic_folder import replace_folder
 
 AdapterState = dict[str, np.ndarray]
 
@@ -71,12 +72,7 @@ def save_peft_adapter(out_dir: Path, state: Mapping[str, np.ndarray], adapter_co
         tmp.chmod(0o755)  # mkdtemp makes it private; the adapter is an ordinary folder others may serve from
         save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS_FILE))
         (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
-        old = out_dir.with_name(f".{out_dir.name}.old")
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

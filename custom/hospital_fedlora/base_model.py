@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from hospital_fedlora.atomic_folder import replace_folder
 from hospital_fedlora.synthetic_notes import general_corpus
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -225,27 +225,17 @@ def build_base_model(
         }
         (staging / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
         staging.chmod(0o755)  # mkdtemp makes it private; the finished model is an ordinary folder
-        _replace_dir(staging, out_dir)
+        try:
+            replace_folder(staging, out_dir)
+        except OSError:
+            # Another process finished the same build first; theirs is as good as ours.
+            if not is_complete_model(out_dir):
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if log:
         log(f"base model written to {out_dir} in {time.monotonic() - started:.1f} s")
     return out_dir
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except OSError:
-        # Another process finished the same build first; theirs is as good as ours.
-        if not is_complete_model(target):
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import math
 
-from nvflare.apis.dxo import DXO, MetaKey, from_shareable
+from nvflare.apis.dxo import DXO, MetaKey
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.app_constant import AppConstants
 
 from .adapter_layout import AdapterLayout
+from .contribution_checks import check_contribution
 from .encrypted_log import PACKED_BFV_WEIGHT_DIFF, PACKED_BFV_WEIGHT_DIFF_SUM, round_tag
 from .kit_context import load_kit_context
 from .packed_bfv import (
@@ -100,20 +101,11 @@ class EncryptedSumAggregator(Aggregator):
     def _check_and_add(self, site: str, shareable: Shareable, fl_ctx: FLContext) -> str | None:
         if self.context is None:
             return "the server has no BFV context (see the error at job start)"
-        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            return f"site reported {shareable.get_return_code()}"
-        current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        contributed = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
-        if current is not None and contributed != current:
-            return f"result is for round {contributed}, the current round is {current}"
-        if site in self._counts:
-            return "a second contribution in the same round"
-        try:
-            dxo = from_shareable(shareable)
-        except Exception as err:
-            return f"not a DXO ({err})"
-        if dxo.data_kind != PACKED_BFV_WEIGHT_DIFF:
-            return f"expected {PACKED_BFV_WEIGHT_DIFF} (is the site's EncryptFilter configured?), got {dxo.data_kind}"
+        reason, dxo = check_contribution(
+            site, shareable, fl_ctx, self._counts, PACKED_BFV_WEIGHT_DIFF, " (is the site's EncryptFilter configured?)"
+        )
+        if reason:
+            return reason
         factor = dxo.get_meta_prop("weight")
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (0 < factor <= 1):
             return f"weight factor (meta 'weight') must be in (0, 1], got {factor!r}"
@@ -145,6 +137,7 @@ class EncryptedSumAggregator(Aggregator):
         if self._sum is not None and self._sum.count + 1 > most:
             return f"a sum of more than {most} contributions could overflow the int{info.bits} lanes of {info.lane_bits} bits"
         if self._sum is None:
+            current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
             self._sum = EncryptedSum(self.context, expected_tag=round_tag(current) if current is not None else None)
         self._sum.add(chunks, site)  # CiphertextError names the site; the sum is untouched then
         self._counts[site] = count

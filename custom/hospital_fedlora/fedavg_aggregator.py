@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.app_constant import AppConstants
 
 from .adapter_state import check_same_layout
+from .contribution_checks import check_contribution
 
 
 class FedAvgAdapterAggregator(Aggregator):
@@ -53,20 +54,9 @@ class FedAvgAdapterAggregator(Aggregator):
         return True
 
     def _check(self, site: str, shareable: Shareable, fl_ctx: FLContext) -> str | None:
-        if shareable.get_return_code(ReturnCode.OK) != ReturnCode.OK:
-            return f"site reported {shareable.get_return_code()}"
-        current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        contributed = shareable.get_cookie(AppConstants.CONTRIBUTION_ROUND)
-        if current is not None and contributed != current:
-            return f"result is for round {contributed}, the current round is {current}"
-        if site in self._weights:
-            return "a second contribution in the same round"
-        try:
-            dxo = from_shareable(shareable)
-        except Exception as err:
-            return f"not a DXO ({err})"
-        if dxo.data_kind != DataKind.WEIGHT_DIFF:
-            return f"expected {DataKind.WEIGHT_DIFF}, got {dxo.data_kind}"
+        reason, dxo = check_contribution(site, shareable, fl_ctx, self._weights, DataKind.WEIGHT_DIFF)
+        if reason:
+            return reason
         weight = dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND)
         if not isinstance(weight, int) or isinstance(weight, bool) or weight <= 0:
             return f"weight (example count, meta '{MetaKey.NUM_STEPS_CURRENT_ROUND}') must be a positive integer, got {weight!r}"

@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from hospital_fedlora.atomic_folder import replace_folder
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 SPLITS = ("train", "validation", "test")
@@ -485,21 +486,10 @@ def write_federation_data(out_dir: Path, seed: int = 0) -> dict[str, dict[str, P
                 start += sizes[split]
                 (staging / site / f"{split}.jsonl").write_bytes(_jsonl_bytes(chunk))
         staging.chmod(0o755)  # mkdtemp makes it private
-        _replace_dir(staging, out_dir)
+        replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {site: {split: out_dir / site / f"{split}.jsonl" for split in SPLITS} for site in SITES}
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``, replacing an existing folder with as short a gap as two renames allow."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, old)
-    os.rename(new, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
