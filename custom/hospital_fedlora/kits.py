@@ -90,8 +90,8 @@ def read_project(project_file: str | Path) -> dict[str, Any]:
 def provision(project_file: str | Path, workspace: str | Path) -> Path:
     """Run ``nvflare provision``; return the new ``prod_NN`` folder holding every kit.
 
-    Provisioning again into the same workspace keeps its root CA (kept in ``<workspace>/<project>/state``),
-    so earlier kits stay valid; a fresh workspace means a fresh CA.
+    Provisioning again into the same workspace keeps its root CA and the hospitals' BFV keys (both kept in
+    ``<workspace>/<project>/state``), so earlier kits stay valid; a fresh workspace means fresh ones.
     """
     project_file = Path(project_file).resolve()
     workspace = Path(workspace).resolve()
