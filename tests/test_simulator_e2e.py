@@ -75,19 +75,29 @@ def test_each_site_kept_the_final_adapter(sim_run):
         assert (ws / site / "simulate_job" / "global_adapter" / "adapter_model.safetensors").is_file(), site
 
 
-@pytest.mark.e2e
-def test_a_failing_site_stops_the_job_and_is_named(tmp_path, monkeypatch, base_model_dir, data_dir):
+def site_configs_with(tmp_path: Path, site: str, old: str, new: str) -> Path:
+    """The committed site configs, with one edit in ``site``'s."""
     configs = tmp_path / "site_configs"
     configs.mkdir()
-    for site in SITES:
-        text = (REPO / "site_configs" / f"{site}.yaml").read_text().replace("../workspace", str(REPO / "workspace"))
-        if site == "hospital-c":
-            text = text.replace("hospital-c/train.jsonl", "hospital-c/missing.jsonl")
-        (configs / f"{site}.yaml").write_text(text)
-    monkeypatch.setenv("HOSPITAL_FEDLORA_SITE_CONFIGS", str(configs))
-    shown = []
+    for s in SITES:
+        text = (REPO / "site_configs" / f"{s}.yaml").read_text().replace("../workspace", str(REPO / "workspace"))
+        (configs / f"{s}.yaml").write_text(text.replace(old, new) if s == site else text)
+    return configs
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (("hospital-c/train.jsonl", "hospital-c/missing.jsonl"), "missing.jsonl"),
+        (("require_encryption: false", "require_encryption: true"), "field 'privacy.require_encryption' is true"),
+    ],
+    ids=["missing-data-file", "site-requires-encryption"],
+)
+def test_a_failing_site_stops_the_job_and_is_named(tmp_path, monkeypatch, base_model_dir, data_dir, edit, expected):
+    monkeypatch.setenv("HOSPITAL_FEDLORA_SITE_CONFIGS", str(site_configs_with(tmp_path, "hospital-c", *edit)))
     with pytest.raises(RuntimeError, match="simulator run failed"):
-        run_simulator(shrink_job(tmp_path, rounds=1, steps=1), tmp_path / "ws", show=shown.append)
+        run_simulator(shrink_job(tmp_path, rounds=1, steps=1), tmp_path / "ws", show=lambda s: None)
     log = (tmp_path / "ws.log").read_text()
-    assert "missing.jsonl" in log and "hospital-c" in log
+    assert expected in log and "hospital-c" in log
     assert not (tmp_path / "ws" / "server" / "simulate_job" / "global_adapter").exists()

@@ -72,6 +72,16 @@ class DataFiles(_Strict):
     response_field: str = "response"
 
 
+class PrivacySettings(_Strict):
+    """What this hospital lets a job do with its data; enforced at the site, whatever the job says."""
+
+    require_encryption: bool = Field(
+        True,
+        description="send adapter updates only encrypted (jobs/fedlora_he); a job that would send them in the "
+        "clear is refused before training starts",
+    )
+
+
 class SiteConfig(_Strict):
     """One hospital's settings (``site_configs/<site>.yaml``)."""
 
@@ -83,6 +93,7 @@ class SiteConfig(_Strict):
     load_in_4bit: bool = Field(False, description="QLoRA through bitsandbytes; needs CUDA")
     micro_batch_size: int = Field(4, ge=1, description="examples per forward pass; sized to this site's memory")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default leaves torch's")
+    privacy: PrivacySettings = PrivacySettings()
 
     @model_validator(mode="after")
     def _qlora_needs_cuda(self) -> "SiteConfig":

@@ -34,6 +34,7 @@ from .config import ConfigError, SiteConfig, load_site_config, parse_recipe
 from .dataset import load_records
 from .lora_trainer import LocalTrainer, StepReport
 from .model_loading import apply_lora, choose_placement, load_base_model
+from .site_privacy import check_job_allowed
 
 SITE_CONFIG_FILE = "site_config.yaml"
 SITE_CONFIGS_ENV = "HOSPITAL_FEDLORA_SITE_CONFIGS"
@@ -75,6 +76,7 @@ class LoraExecutor(Executor):
         super().__init__()
         # The recipe is checked as the job is deployed, before any site loads a model.
         self.recipe = parse_recipe(recipe)
+        self.train_task = train_task_name
         self.task_names = {
             train_task_name: self._train,
             validate_task_name: self._validate,
@@ -107,6 +109,9 @@ class LoraExecutor(Executor):
         config_path = find_site_config(Path(workspace.get_root_dir()), name)
         self.site = site = load_site_config(config_path, expected_site=name)
         source = str(config_path)
+        check_job_allowed(
+            site.privacy, Path(workspace.get_client_app_config_file_path(fl_ctx.get_job_id())), self.train_task, source
+        )
         if site.num_threads:
             torch.set_num_threads(site.num_threads)
         train_records = load_records(site.data, "train", source)
@@ -241,5 +246,10 @@ class LoraExecutor(Executor):
         return DXO(DataKind.METRICS, data=metrics).to_shareable()
 
     def _submit_model(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if self.site.privacy.require_encryption:
+            raise PermissionError(
+                "submit_model would send this site's adapter in the clear; its site config sets "
+                "privacy.require_encryption"
+            )
         meta = {"adapter_config": self.adapter_config}
         return DXO(DataKind.WEIGHTS, data=ad.get_adapter_state(self.trainer.model), meta=meta).to_shareable()
