@@ -21,7 +21,13 @@ def test_encryption_is_required_unless_the_site_says_otherwise():
 
 def test_the_committed_jobs_are_told_apart():
     assert encrypts_results(json.loads(client_config("fedlora_he").read_text()), "train")
+    assert encrypts_results(json.loads(client_config("fedlora_ckks_stock").read_text()), "train")
     assert not encrypts_results(json.loads(client_config("fedlora_plain").read_text()), "train")
+
+
+def test_nvflare_encryptor_counts_only_when_it_encrypts_every_layer():
+    f = {"path": "nvflare.app_opt.he.model_encryptor.HEModelEncryptor", "args": {"encrypt_layers": ["lora_A"]}}
+    assert not encrypts_results({"task_result_filters": [{"tasks": ["train"], "filters": [f]}]}, "train")
 
 
 def test_plaintext_job_is_refused_naming_the_setting_and_the_way_out():

@@ -13,15 +13,22 @@ from pathlib import Path
 from .config import ConfigError, PrivacySettings
 
 ENCRYPT_FILTER = "hospital_fedlora.encrypt_filter.EncryptFilter"
+# NVFlare's CKKS encryptor (jobs/fedlora_ckks_stock) counts too, unless told to encrypt only some layers.
+NVFLARE_ENCRYPTOR = "nvflare.app_opt.he.model_encryptor.HEModelEncryptor"
+
+
+def _encrypts_everything(f: dict) -> bool:
+    if f.get("path") == ENCRYPT_FILTER:
+        return True
+    return f.get("path") == NVFLARE_ENCRYPTOR and not (f.get("args") or {}).get("encrypt_layers")
 
 
 def encrypts_results(client_config: dict, task: str) -> bool:
-    """Does this client config run our encrypt filter on every result of ``task``?"""
+    """Does this client config encrypt every result of ``task`` completely?"""
     for entry in client_config.get("task_result_filters", []):
         tasks = entry.get("tasks", [])
-        if task in tasks or "*" in tasks:
-            if any(f.get("path") == ENCRYPT_FILTER for f in entry.get("filters", [])):
-                return True
+        if (task in tasks or "*" in tasks) and any(_encrypts_everything(f) for f in entry.get("filters", [])):
+            return True
     return False
 
 
