@@ -182,9 +182,13 @@ class LoraExecutor(Executor):
         ad.set_adapter_state(self.trainer.model, state, source=source)
         return ad.get_adapter_state(self.trainer.model)
 
-    def _get_weights(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+    def _current_adapter(self) -> Shareable:
         meta = {"adapter_config": self.adapter_config}
         return DXO(DataKind.WEIGHTS, data=ad.get_adapter_state(self.trainer.model), meta=meta).to_shareable()
+
+    def _get_weights(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        # Before any training this is the seeded initial adapter: the same at every site, no patient data in it.
+        return self._current_adapter()
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         started = time.perf_counter()
@@ -251,5 +255,4 @@ class LoraExecutor(Executor):
                 "submit_model would send this site's adapter in the clear; its site config sets "
                 "privacy.require_encryption"
             )
-        meta = {"adapter_config": self.adapter_config}
-        return DXO(DataKind.WEIGHTS, data=ad.get_adapter_state(self.trainer.model), meta=meta).to_shareable()
+        return self._current_adapter()

@@ -105,6 +105,20 @@ def errors(estimate: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     }
 
 
+def figures(clock: "Clock", uploads: list[bytes], down: bytes, estimate: np.ndarray, truth: np.ndarray) -> dict:
+    """The figures every mode reports, measured the same way for each."""
+    return {
+        "up_bytes_per_site": float(np.mean([len(u) for u in uploads])),
+        "down_bytes_per_site": len(down),
+        "client_cpu_s": (clock.t["client_up"] + clock.t["client_down"]) / len(SITES),
+        "client_encrypt_cpu_s": clock.t["client_up"] / len(SITES),
+        "client_decrypt_cpu_s": clock.t["client_down"] / len(SITES),
+        "server_cpu_s": clock.t["server"],
+        **errors(estimate, truth),
+        "max_abs_error": float(np.abs(estimate.astype(np.float64) - truth).max()),
+    }
+
+
 class Clock:
     """Process CPU time (all threads), accumulated per label."""
 
@@ -184,17 +198,10 @@ def run_packed(name: str, settings: PackingSettings, diffs, truth, layout: Adapt
     assert all(np.array_equal(estimates[0], e) for e in estimates), "sites decoded different aggregates"
     n_ct = plan.n_ciphertexts(layout.n_values)
     return {
-        "up_bytes_per_site": float(np.mean([len(u) for u in uploads])),
-        "down_bytes_per_site": len(down),
-        "client_cpu_s": (clock.t["client_up"] + clock.t["client_down"]) / len(SITES),
-        "client_encrypt_cpu_s": clock.t["client_up"] / len(SITES),
-        "client_decrypt_cpu_s": clock.t["client_down"] / len(SITES),
-        "server_cpu_s": clock.t["server"],
-        **errors(estimates[0], truth),
+        **figures(clock, uploads, down, estimates[0], truth),
         "error_bound_abs": step_size(CLIP, settings.bits) * len(SITES) / sum(
             contribution_weight(c, FULL_WEIGHT) for c in EXAMPLES
         ),
-        "max_abs_error": float(np.abs(estimates[0].astype(np.float64) - truth).max()),
         "values_clipped": clipped,
         "packing": {
             "bits": plan.bits,
@@ -267,14 +274,7 @@ def run_nvflare_ckks(diffs, truth, layout: AdapterLayout, workdir: Path) -> dict
         estimates.append(flat)
         del s, data
     return {
-        "up_bytes_per_site": float(np.mean([len(u) for u in uploads])),
-        "down_bytes_per_site": len(down),
-        "client_cpu_s": (clock.t["client_up"] + clock.t["client_down"]) / len(SITES),
-        "client_encrypt_cpu_s": clock.t["client_up"] / len(SITES),
-        "client_decrypt_cpu_s": clock.t["client_down"] / len(SITES),
-        "server_cpu_s": clock.t["server"],
-        **errors(estimates[0], truth),
-        "max_abs_error": float(np.abs(estimates[0].astype(np.float64) - truth).max()),
+        **figures(clock, uploads, down, estimates[0], truth),
         "context_bytes": {
             # what CKKSVectorDecomposer writes next to every tensor: target.context().serialize()
             "per_tensor_in_fobs": len(encryptor.tenseal_context.serialize()),
@@ -308,14 +308,7 @@ def run_plaintext(diffs, truth, layout: AdapterLayout) -> dict:
             flat = np.concatenate([np.asarray(data[n]).reshape(-1) for n in layout.names])
         estimates.append(flat)
     return {
-        "up_bytes_per_site": float(np.mean([len(u) for u in uploads])),
-        "down_bytes_per_site": len(down),
-        "client_cpu_s": (clock.t["client_up"] + clock.t["client_down"]) / len(SITES),
-        "client_encrypt_cpu_s": clock.t["client_up"] / len(SITES),
-        "client_decrypt_cpu_s": clock.t["client_down"] / len(SITES),
-        "server_cpu_s": clock.t["server"],
-        **errors(estimates[0], truth),
-        "max_abs_error": float(np.abs(estimates[0].astype(np.float64) - truth).max()),
+        **figures(clock, uploads, down, estimates[0], truth),
         "down_dtype": str(estimates[0].dtype),
     }
 
