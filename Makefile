@@ -7,6 +7,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORK ?= workspace
 export PYTHONUNBUFFERED := 1
+# The tools package (custom/hospital_fedlora_tools) is not installed: hospitals never get it.
+export PYTHONPATH := $(CURDIR)/custom$(if $(PYTHONPATH),:$(PYTHONPATH))
 # Torch threads: 2 cores here; FLARE clients run as separate processes.
 export OMP_NUM_THREADS ?= 2
 
@@ -23,30 +25,30 @@ $(VENV)/.installed: pyproject.toml
 # Offline, seeded: a small Llama-architecture model with its own tokenizer, briefly pre-trained.
 base-model: setup $(WORK)/base_model/config.json
 $(WORK)/base_model/config.json: | $(VENV)/.installed
-	$(PY) -m hospital_fedlora.base_model --out $(WORK)/base_model
+	$(PY) -m hospital_fedlora_tools.base_model --out $(WORK)/base_model
 
 # Three hospitals' synthetic, non-IID clinical notes (train/validation/test).
 data: setup $(WORK)/data/hospital-a/train.jsonl
 $(WORK)/data/hospital-a/train.jsonl: | $(VENV)/.installed
-	$(PY) -m hospital_fedlora.synthetic_notes --out $(WORK)/data
+	$(PY) -m hospital_fedlora_tools.synthetic_notes --out $(WORK)/data
 
 # The main job on the real path: kits on 127.0.0.1, encrypted aggregation (jobs/fedlora_he).
 demo: base-model data kits
-	$(PY) -m hospital_fedlora.demo --mode real --workspace $(WORK)
+	$(PY) -m hospital_fedlora_tools.demo --mode real --workspace $(WORK) --jobs jobs
 
 # The plaintext job in FLARE's simulator (one process tree, no kits).
 demo-sim: base-model data
-	$(PY) -m hospital_fedlora.demo --mode simulator --workspace $(WORK)
+	$(PY) -m hospital_fedlora_tools.demo --mode simulator --workspace $(WORK) --jobs jobs --site-configs site_configs
 
 # Startup kits for everyone in provisioning/project.yml, ready to run (docs/admin.md).
 kits: setup
-	$(PY) -m hospital_fedlora.kits --project provisioning/project.yml --workspace $(WORK)/kits --site-configs site_configs
+	$(PY) -m hospital_fedlora.deploy.kits --project provisioning/project.yml --workspace $(WORK)/kits --site-configs site_configs
 
 # The real path (docs/operator.md): server and hospitals started from their kits on 127.0.0.1, the job
 # submitted as the admin through the FLARE API, followed round by round, result downloaded, all stopped.
 .PHONY: demo-real
 demo-real: base-model data kits
-	$(PY) -m hospital_fedlora.local_federation --kits $(WORK)/kits --job jobs/fedlora_plain --results $(WORK)/results
+	$(PY) -m hospital_fedlora_tools.local_federation --kits $(WORK)/kits --job jobs/fedlora_plain --results $(WORK)/results
 
 test: base-model data
 	$(PY) -m pytest -q tests

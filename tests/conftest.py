@@ -14,7 +14,7 @@ WORKSPACE = REPO_ROOT / "workspace"
 
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
-    from hospital_fedlora.base_model import build_base_model
+    from hospital_fedlora_tools.base_model import build_base_model
 
     # Returns at once when the folder already holds a complete model.
     return build_base_model(WORKSPACE / "base_model", seed=0)
@@ -22,7 +22,7 @@ def base_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    from hospital_fedlora.synthetic_notes import SITES, SPLITS, write_federation_data
+    from hospital_fedlora_tools.synthetic_notes import SITES, SPLITS, write_federation_data
 
     out = WORKSPACE / "data"
     if not all((out / site / f"{split}.jsonl").is_file() for site in SITES for split in SPLITS):

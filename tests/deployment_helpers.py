@@ -9,7 +9,7 @@ from typing import Callable
 
 import yaml
 
-from hospital_fedlora.kits import Kits, prepare_kits, provision
+from hospital_fedlora.deploy.kits import Kits, prepare_kits, provision
 
 REPO = Path(__file__).resolve().parents[1]
 PROJECT_YML = REPO / "provisioning" / "project.yml"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deployment_helpers import REPO, free_port, provision_into, write_site_configs
-from hospital_fedlora.local_federation import LocalFederation
+from hospital_fedlora_tools.local_federation import LocalFederation
 
 ADMIN = "admin@consortium.org"
 

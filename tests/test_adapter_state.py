@@ -11,18 +11,20 @@ import pytest
 import torch
 from peft import PeftModel
 
-from hospital_fedlora.adapter_state import (
+from hospital_fedlora.adapter_files import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
-    adapter_config_dict,
-    get_adapter_state,
     load_peft_adapter,
     save_peft_adapter,
+)
+from hospital_fedlora.site.adapter_state import (
+    adapter_config_dict,
+    get_adapter_state,
     set_adapter_state,
     subtract,
 )
 from hospital_fedlora.config import LoraSettings
-from hospital_fedlora.model_loading import apply_lora, choose_placement, load_base_model
+from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
 
 CPU = choose_placement("cpu", "auto", False)
 SETTINGS = LoraSettings(r=4, dropout=0.0, target_modules=("q_proj", "v_proj"))
@@ -112,7 +114,7 @@ def test_set_refuses_a_wrong_shape_and_names_the_tensor(model):
     key = next(k for k in sorted(state) if "lora_A" in k)
     state[key] = state[key].T.copy()
     r, hidden = state[key].shape[1], state[key].shape[0]
-    _refused(model, state, rf"adapter from round 3: tensor {key} has shape \({hidden}, {r}\), expected \({r}, {hidden}\)")
+    _refused(model, state, rf"adapter from round 3: tensor '{key}' has shape \({hidden}, {r}\), the agreed layout says \({r}, {hidden}\)")
 
 
 def test_subtract_is_elementwise_float32_over_the_new_keys():
@@ -189,9 +191,9 @@ def test_load_of_an_incomplete_folder_names_the_missing_file(model, tmp_path):
 _CONFIG_IN_A_FRESH_PROCESS = """
 import json, sys
 from pathlib import Path
-from hospital_fedlora.adapter_state import adapter_config_dict
+from hospital_fedlora.site.adapter_state import adapter_config_dict
 from hospital_fedlora.config import LoraSettings
-from hospital_fedlora.model_loading import apply_lora, choose_placement, load_base_model
+from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
 model, _ = load_base_model(Path(sys.argv[1]), choose_placement("cpu", "auto", False))
 model = apply_lora(model, LoraSettings(target_modules=sys.argv[2].split(",")), seed=0)
 raw = model.peft_config["default"].target_modules

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
-from hospital_fedlora.local_federation import LocalFederation
+from hospital_fedlora_tools.local_federation import LocalFederation
 
 pytest_plugins = ["federation_fixtures"]
 

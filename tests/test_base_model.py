@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from hospital_fedlora.base_model import BUILD_INFO, REQUIRED_FILES, build_base_model, is_complete_model
-from hospital_fedlora.dataset import SupervisedDataset, collate_batch
-from hospital_fedlora.synthetic_notes import generate_site_records
+from hospital_fedlora_tools.base_model import BUILD_INFO, REQUIRED_FILES, build_base_model, is_complete_model
+from hospital_fedlora.site.dataset import SupervisedDataset, collate_batch
+from hospital_fedlora_tools.synthetic_notes import generate_site_records
 
 # A build small enough for a test: seconds, not minutes.
 TINY = dict(corpus_docs=150, vocab_size=600, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
@@ -78,7 +78,7 @@ def test_cli_is_a_no_op_on_a_complete_model(tmp_path):
     out = _tiny(tmp_path / "model")
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     result = subprocess.run(
-        [sys.executable, "-m", "hospital_fedlora.base_model", "--out", str(out)],
+        [sys.executable, "-m", "hospital_fedlora_tools.base_model", "--out", str(out)],
         capture_output=True, text=True, check=True,
     )
     assert "already holds a complete base model" in result.stdout

@@ -13,18 +13,15 @@ from nvflare.fuel.sec.security_content_service import LoadResult, SecurityConten
 from nvflare.lighter.ctx import ProvisionContext
 from nvflare.lighter.provision import prepare_project
 
-from hospital_fedlora.bfv_builder import STATE_FILE, BFVContextBuilder
-from hospital_fedlora.packed_bfv import (
+from hospital_fedlora.deploy.bfv_builder import STATE_FILE, BFVContextBuilder
+from hospital_fedlora.he.bfv_context import (
     CLIENT_CONTEXT_FILE,
     SERVER_CONTEXT_FILE,
     MissingSecretKeyError,
-    PackingSettings,
-    add_encrypted,
-    decrypt_ints,
-    encrypt_ints,
     load_context_file,
-    plan_lanes,
 )
+from hospital_fedlora.he.lanes import PackingSettings, plan_lanes
+from hospital_fedlora.he.packed_bfv import add_encrypted, decrypt_ints, encrypt_ints
 
 NVFLARE = shutil.which("nvflare", path=str(Path(sys.executable).parent)) or shutil.which("nvflare")
 
@@ -57,7 +54,7 @@ HEAD = """
   - path: nvflare.lighter.impl.cert.CertBuilder
 """
 OURS = """
-  - path: hospital_fedlora.bfv_builder.BFVContextBuilder
+  - path: hospital_fedlora.deploy.bfv_builder.BFVContextBuilder
     args:
       poly_modulus_degree: 4096
       plain_modulus_bits: 58

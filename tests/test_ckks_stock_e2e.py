@@ -18,9 +18,9 @@ from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 
 from deployment_helpers import REPO, SITES
-from hospital_fedlora.demo import derive_job
-from hospital_fedlora.restore_adapter_shapes import RestoreAdapterShapes
-from hospital_fedlora.stock_he_persistor import StockHEAdapterPersistor
+from hospital_fedlora_tools.demo import derive_job
+from hospital_fedlora.site.restore_adapter_shapes import RestoreAdapterShapes
+from hospital_fedlora.server.stock_he_persistor import StockHEAdapterPersistor
 
 pytest_plugins = ["federation_fixtures"]
 

@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from hospital_fedlora.config import ConfigError, DataFiles
-from hospital_fedlora.dataset import (
+from hospital_fedlora.site.dataset import (
     IGNORE_INDEX,
     SupervisedDataset,
     collate_batch,

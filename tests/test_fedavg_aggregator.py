@@ -2,17 +2,18 @@
 
 import numpy as np
 import pytest
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import make_reply
 from nvflare.app_common.app_constant import AppConstants
 
-from hospital_fedlora.fedavg_aggregator import FedAvgAdapterAggregator
+from hospital_fedlora.server.fedavg_aggregator import FedAvgAdapterAggregator
+from hospital_fedlora.protocol import Meta
 
 
 def contribution(site, diff, weight, rnd=0, kind=DataKind.WEIGHT_DIFF, metrics=None):
-    s = DXO(kind, data=diff, meta={MetaKey.NUM_STEPS_CURRENT_ROUND: weight, "metrics": metrics or {}}).to_shareable()
+    s = DXO(kind, data=diff, meta={Meta.EXAMPLE_COUNT: weight, Meta.METRICS: metrics or {}}).to_shareable()
     s.set_peer_props({ReservedKey.IDENTITY_NAME: site})
     s.add_cookie(AppConstants.CONTRIBUTION_ROUND, rnd)
     return s
@@ -37,8 +38,8 @@ def test_weighted_average_matches_hand_computation(ctx):
     np.testing.assert_allclose(out.data["x.lora_A.weight"], [[880 / 520, 280 / 520]], rtol=1e-6)
     np.testing.assert_allclose(out.data["x.lora_B.weight"], [0.0], atol=1e-7)
     assert out.data_kind == DataKind.WEIGHT_DIFF
-    assert out.meta["site_weights"] == {"hospital-a": 240, "hospital-b": 160, "hospital-c": 120}
-    assert out.meta["site_metrics"]["hospital-b"] == {"train_loss": 1.6}
+    assert out.meta[Meta.EXAMPLE_COUNTS] == {"hospital-a": 240, "hospital-b": 160, "hospital-c": 120}
+    assert out.meta[Meta.SITE_METRICS]["hospital-b"] == {"train_loss": 1.6}
 
 
 @pytest.mark.parametrize(
@@ -57,7 +58,7 @@ def test_bad_contributions_are_rejected_with_a_reason(ctx, make, reason):
     agg = FedAvgAdapterAggregator(min_contributions=1)
     assert agg.accept(contribution("first", {"k": np.zeros(2, np.float32)}, 5), ctx)
     assert not agg.accept(make(), ctx)
-    assert reason in agg._rejected["s"]
+    assert reason in agg.rejected["s"]
 
 
 def test_duplicate_and_failed_results_are_rejected(ctx):
@@ -67,7 +68,7 @@ def test_duplicate_and_failed_results_are_rejected(ctx):
     failed = make_reply(ReturnCode.EXECUTION_EXCEPTION)
     failed.set_peer_props({ReservedKey.IDENTITY_NAME: "b"})
     assert not agg.accept(failed, ctx)
-    assert "second contribution" in agg._rejected["a"] and "EXECUTION_EXCEPTION" in agg._rejected["b"]
+    assert "second contribution" in agg.rejected["a"] and "EXECUTION_EXCEPTION" in agg.rejected["b"]
 
 
 def test_too_few_accepted_contributions_end_the_round_with_names(ctx):

@@ -15,7 +15,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
@@ -24,30 +24,28 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.fuel.utils import fobs
 
 from hospital_fedlora.adapter_layout import AdapterLayout
-from hospital_fedlora.adapter_locator import AdapterLocator
+from hospital_fedlora.server.adapter_locator import AdapterLocator
 from hospital_fedlora.config import ConfigError
-from hospital_fedlora.decrypt_filter import APPLIED_ROUNDS, DecryptFilter
-from hospital_fedlora.encrypt_filter import EncryptFilter
-from hospital_fedlora.encrypted_log import (
-    PACKED_BFV_ADAPTER_LOG,
-    PACKED_BFV_WEIGHT_DIFF,
+from hospital_fedlora.he.decrypt_filter import DecryptFilter
+from hospital_fedlora.he.encrypt_filter import EncryptFilter
+from hospital_fedlora.he.encrypted_log import (
     LogError,
     first_round_needed,
 )
-from hospital_fedlora.encrypted_log_generator import EncryptedLogGenerator, log_entries, make_log_learnable
-from hospital_fedlora.encrypted_log_persistor import LOG_DIR, LOG_INDEX, EncryptedLogPersistor, read_log
-from hospital_fedlora.encrypted_sum_aggregator import EncryptedSumAggregator
-from hospital_fedlora.lora_executor import INITIAL_ADAPTER, RELATIVE_TO
-from hospital_fedlora.packed_bfv import (
+from hospital_fedlora.he.log_generator import EncryptedLogGenerator, log_entries, make_log_learnable
+from hospital_fedlora.he.log_persistor import LOG_DIR, LOG_INDEX, EncryptedLogPersistor, read_log
+from hospital_fedlora.he.sum_aggregator import EncryptedSumAggregator
+from hospital_fedlora.protocol import INITIAL_ADAPTER, Data, EncryptedKind, Meta
+from hospital_fedlora.he.bfv_context import (
     CLIENT_CONTEXT_FILE,
     BFVParams,
     MissingSecretKeyError,
-    decrypt_ints,
     make_context,
     serialize_context,
 )
-from hospital_fedlora.quantize import contribution_weight, quantize, step_size
-from hospital_fedlora.site_encryption import SiteEncryption
+from hospital_fedlora.he.packed_bfv import decrypt_ints
+from hospital_fedlora.he.quantize import contribution_weight, quantize, step_size
+from hospital_fedlora.he.site_key import SiteEncryption
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 COUNTS = {"hospital-a": 240, "hospital-b": 160, "hospital-c": 120}
@@ -120,7 +118,7 @@ def diff_for(site: str, rnd: int, shapes=SHAPES) -> dict[str, np.ndarray]:
 
 
 def train_result(diff: dict, count: int, rnd: int, **meta) -> Shareable:
-    meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: count, "metrics": {"train_loss": 1.5}, "adapter_config": {"r": 8}, **meta}
+    meta = {Meta.EXAMPLE_COUNT: count, Meta.METRICS: {"train_loss": 1.5}, Meta.ADAPTER_CONFIG: {"r": 8}, **meta}
     s = DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
     s.set_header(AppConstants.CURRENT_ROUND, rnd)
     return s
@@ -163,12 +161,12 @@ def test_only_ciphertexts_and_clear_metadata_leave_the_site(filters):
     diff = diff_for("hospital-a", 0)
     out = encrypt.process(train_result(diff, 240, 0, private_note="not for the server"), site_ctx("hospital-a"))
     dxo = from_shareable(out)
-    assert dxo.data_kind == PACKED_BFV_WEIGHT_DIFF
-    assert set(dxo.data) == {"chunks"} and len(dxo.data["chunks"]) == 3  # 30,729 values, 12,288 per ciphertext
+    assert dxo.data_kind == EncryptedKind.DIFF
+    assert set(dxo.data) == {Data.CHUNKS} and len(dxo.data[Data.CHUNKS]) == 3  # 30,729 values, 12,288 per ciphertext
     layout = AdapterLayout.from_tensors({k: torch.from_numpy(v) for k, v in diff.items()})
-    assert dxo.meta["n_values"] == layout.n_values and dxo.meta["layout_fingerprint"] == layout.fingerprint()
-    assert dxo.meta["weight"] == pytest.approx(240 / 256) and dxo.meta[MetaKey.NUM_STEPS_CURRENT_ROUND] == 240
-    assert dxo.meta["metrics"] == {"train_loss": 1.5} and dxo.meta["adapter_config"] == {"r": 8}
+    assert dxo.meta[Meta.N_VALUES] == layout.n_values and dxo.meta[Meta.LAYOUT_FINGERPRINT] == layout.fingerprint()
+    assert dxo.meta[Meta.WEIGHT_FACTOR] == pytest.approx(240 / 256) and dxo.meta[Meta.EXAMPLE_COUNT] == 240
+    assert dxo.meta[Meta.METRICS] == {"train_loss": 1.5} and dxo.meta[Meta.ADAPTER_CONFIG] == {"r": 8}
     assert "private_note" not in dxo.meta
     wire = fobs.dumps(out)
     for v in diff.values():  # no tensor's float bytes appear anywhere in the serialized message
@@ -193,10 +191,10 @@ def test_aggregate_decrypts_to_the_exact_sum_of_weighted_quantized_inputs(filter
         assert aggregator.accept(encrypted(encrypt, s, diffs[s], 0), server_ctx(0))
     agg = from_shareable(aggregator.aggregate(server_ctx(0)))
     m = agg.meta
-    assert m["n_sites"] == 3 and m["site_weights"] == COUNTS
-    assert m["total_weight"] == pytest.approx(sum(COUNTS.values()) / FULL_WEIGHT)
-    assert set(m["site_metrics"]) == set(SITES) and m["adapter_config"] == {"r": 8}
-    got = decrypt_ints(enc.context, agg.data["chunks"], enc.plan, m["n_values"], 3)
+    assert m[Meta.N_SITES] == 3 and m[Meta.EXAMPLE_COUNTS] == COUNTS
+    assert m[Meta.TOTAL_WEIGHT] == pytest.approx(sum(COUNTS.values()) / FULL_WEIGHT)
+    assert set(m[Meta.SITE_METRICS]) == set(SITES) and m[Meta.ADAPTER_CONFIG] == {"r": 8}
+    got = decrypt_ints(enc.context, agg.data[Data.CHUNKS], enc.plan, m[Meta.N_VALUES], 3)
     want = sum(expected_ints(enc, s, diffs[s], 0) for s in SITES)
     assert torch.equal(got, want)
 
@@ -211,10 +209,10 @@ def test_int8_mode_sums_exactly_and_averages_within_its_bound(key_files):
     agg.load_context(server_ctx(0))
     diffs = {s: diff_for(s, 0) for s in SITES}
     for s in SITES:
-        assert agg.accept(encrypted(encrypt, s, diffs[s], 0), server_ctx(0)), agg._rejected
+        assert agg.accept(encrypted(encrypt, s, diffs[s], 0), server_ctx(0)), agg.rejected
     summed = agg.aggregate(server_ctx(0))
     m = from_shareable(summed).meta
-    got = decrypt_ints(enc.context, from_shareable(summed).data["chunks"], enc.plan, m["n_values"], 3)
+    got = decrypt_ints(enc.context, from_shareable(summed).data[Data.CHUNKS], enc.plan, m[Meta.N_VALUES], 3)
     want = 0
     for s in SITES:
         tensors = {k: torch.from_numpy(v) for k, v in diffs[s].items()}
@@ -251,7 +249,7 @@ def test_decrypt_filter_yields_the_example_weighted_average(filters, aggregator,
     _, _, decrypt = make_filters(key_files, "hospital-b")
     out = from_shareable(decrypt.process(task, site_ctx("hospital-b")))
     assert out.data_kind == DataKind.WEIGHT_DIFF
-    assert out.meta[RELATIVE_TO] == INITIAL_ADAPTER and out.meta[APPLIED_ROUNDS] == [0]
+    assert out.meta[Meta.RELATIVE_TO] == INITIAL_ADAPTER and out.meta[Meta.APPLIED_ROUNDS] == [0]
     total = sum(COUNTS.values())
     for k in SHAPES:
         average = sum(COUNTS[s] * diffs[s][k].astype(np.float64) for s in SITES) / total
@@ -267,7 +265,7 @@ def test_the_server_context_cannot_decrypt_or_encrypt(filters, aggregator, key_f
     assert not aggregator.context.has_secret_key
     contribution = from_shareable(encrypted(encrypt, "hospital-a", diff_for("hospital-a", 0), 0))
     with pytest.raises(MissingSecretKeyError, match="no secret key"):
-        decrypt_ints(aggregator.context, contribution.data["chunks"], enc.plan, contribution.meta["n_values"], 1)
+        decrypt_ints(aggregator.context, contribution.data[Data.CHUNKS], enc.plan, contribution.meta[Meta.N_VALUES], 1)
     server_as_site = make_encryption(key_files["server"])
     with pytest.raises(ValueError, match="holds no secret key"):
         server_as_site.prepare(site_ctx("hospital-a"))
@@ -282,7 +280,7 @@ def test_aggregator_refuses_a_context_with_a_secret_key(key_files):
 # ------------------------------------------------------------------------------------ bad contributions
 def _tamper(s: Shareable, how: str) -> Shareable:
     dxo = from_shareable(s)
-    chunks = list(dxo.data["chunks"])
+    chunks = list(dxo.data[Data.CHUNKS])
     if how == "flip":
         b = bytearray(chunks[1])
         b[-100] ^= 0x01
@@ -291,7 +289,7 @@ def _tamper(s: Shareable, how: str) -> Shareable:
         chunks[2] = chunks[2][: len(chunks[2]) // 2]
     elif how == "drop_chunk":
         chunks = chunks[:2]
-    dxo.data["chunks"] = chunks
+    dxo.data[Data.CHUNKS] = chunks
     return dxo.update_shareable(s)
 
 
@@ -308,16 +306,16 @@ def test_corrupted_contribution_is_rejected_and_not_summed(filters, aggregator, 
     diffs = {s: diff_for(s, 0) for s in SITES}
     assert aggregator.accept(encrypted(encrypt, "hospital-a", diffs["hospital-a"], 0), server_ctx(0))
     assert not aggregator.accept(_tamper(encrypted(encrypt, "hospital-b", diffs["hospital-b"], 0), how), server_ctx(0))
-    assert aggregator._rejected["hospital-b"] and re.search(reason, aggregator._rejected["hospital-b"])
+    assert aggregator.rejected["hospital-b"] and re.search(reason, aggregator.rejected["hospital-b"])
     assert aggregator.accept(encrypted(encrypt, "hospital-c", diffs["hospital-c"], 0), server_ctx(0))
     with pytest.raises(RuntimeError, match=r"round 0: 2 accepted contributions, 3 required \(hospital-b: "):
         aggregator.aggregate(server_ctx(0))
     # with two required, the round sums exactly the two good contributions
     aggregator.min_contributions = 2
     agg = from_shareable(aggregator.aggregate(server_ctx(0)))
-    got = decrypt_ints(enc.context, agg.data["chunks"], enc.plan, agg.meta["n_values"], 2)
+    got = decrypt_ints(enc.context, agg.data[Data.CHUNKS], enc.plan, agg.meta[Meta.N_VALUES], 2)
     assert torch.equal(got, sum(expected_ints(enc, s, diffs[s], 0) for s in ("hospital-a", "hospital-c")))
-    assert agg.meta["site_weights"] == {"hospital-a": 240, "hospital-c": 120}
+    assert agg.meta[Meta.EXAMPLE_COUNTS] == {"hospital-a": 240, "hospital-c": 120}
 
 
 def test_contribution_encrypted_under_another_provisioning_is_rejected_naming_the_site(filters, aggregator, key_files):
@@ -325,15 +323,15 @@ def test_contribution_encrypted_under_another_provisioning_is_rejected_naming_th
     _, foreign_encrypt, _ = make_filters({"client": key_files["foreign"]}, "hospital-c")
     assert aggregator.accept(encrypted(encrypt, "hospital-a", diff_for("hospital-a", 0), 0), server_ctx(0))
     assert not aggregator.accept(encrypted(foreign_encrypt, "hospital-c", diff_for("hospital-c", 0), 0), server_ctx(0))
-    assert aggregator._rejected["hospital-c"].startswith("hospital-c: encrypted under key ")
-    assert "another provisioning" in aggregator._rejected["hospital-c"]
+    assert aggregator.rejected["hospital-c"].startswith("hospital-c: encrypted under key ")
+    assert "another provisioning" in aggregator.rejected["hospital-c"]
 
 
 def test_foreign_contribution_first_is_rejected_too(filters, aggregator, key_files):
     # Nothing to compare with yet: the key id in the chunk headers still gives it away.
     _, foreign_encrypt, _ = make_filters({"client": key_files["foreign"]}, "hospital-c")
     assert not aggregator.accept(encrypted(foreign_encrypt, "hospital-c", diff_for("hospital-c", 0), 0), server_ctx(0))
-    assert "another provisioning" in aggregator._rejected["hospital-c"]
+    assert "another provisioning" in aggregator.rejected["hospital-c"]
 
 
 def test_wrong_layout_round_kind_and_duplicates_are_rejected(filters, aggregator):
@@ -348,7 +346,7 @@ def test_wrong_layout_round_kind_and_duplicates_are_rejected(filters, aggregator
     }
     for site, (contribution, reason) in cases.items():
         assert not aggregator.accept(contribution, server_ctx(0)), site
-        assert reason in aggregator._rejected[site], (site, aggregator._rejected[site])
+        assert reason in aggregator.rejected[site], (site, aggregator.rejected[site])
 
 
 def test_stale_ciphertext_under_a_current_cookie_is_rejected_by_its_tag(filters, aggregator):
@@ -356,7 +354,7 @@ def test_stale_ciphertext_under_a_current_cookie_is_rejected_by_its_tag(filters,
     stale = encrypted(encrypt, "hospital-b", diff_for("hospital-b", 0), 0)  # tagged round 0
     stale.add_cookie(AppConstants.CONTRIBUTION_ROUND, 1)
     assert not aggregator.accept(stale, server_ctx(1))
-    assert "tagged 'round 0', expected 'round 1'" in aggregator._rejected["hospital-b"]
+    assert "tagged 'round 0', expected 'round 1'" in aggregator.rejected["hospital-b"]
 
 
 # ------------------------------------------------------------------------------------ keys and settings
@@ -389,7 +387,7 @@ def test_key_file_found_in_the_kit_startup_folder(tmp_path, key_files):
 
 
 def test_settings_are_checked_at_construction_and_against_the_key(key_files):
-    with pytest.raises(ConfigError, match=r"SiteEncryption: field 'packing.bits'.*\(got 12\)"):
+    with pytest.raises(ConfigError, match=r"SiteEncryption: invalid configuration\n  field 'packing.bits'.*\(got 12\)"):
         make_encryption(key_files["client"], packing={"bits": 12})
     with pytest.raises(ConfigError, match=r"field 'clip'"):
         make_encryption(key_files["client"], clip=-1.0)
@@ -406,7 +404,7 @@ def run_round(rnd, log, contributors, encrypt, key_files, generator) -> object:
     agg = EncryptedSumAggregator(min_contributions=len(contributors), context_file=str(key_files["server"]))
     agg.load_context(server_ctx(rnd))
     for s in contributors:
-        assert agg.accept(encrypted(encrypt, s, diff_for(s, rnd), rnd), server_ctx(rnd)), agg._rejected
+        assert agg.accept(encrypted(encrypt, s, diff_for(s, rnd), rnd), server_ctx(rnd)), agg.rejected
     return generator.shareable_to_learnable(agg.aggregate(server_ctx(rnd)), server_ctx(rnd, log))
 
 
@@ -418,35 +416,35 @@ def test_a_site_that_missed_a_round_catches_up_from_the_log(filters, key_files):
     log = make_log_learnable([])
 
     first = gen.learnable_to_shareable(log, server_ctx(0))
-    assert from_shareable(first).data == {"entries": []}
+    assert from_shareable(first).data == {Data.ENTRIES: []}
     for f, s in ((steady, "hospital-a"), (late, "hospital-c")):
         out = from_shareable(f.process(first, site_ctx(s)))
-        assert out.data == {} and out.meta[RELATIVE_TO] == INITIAL_ADAPTER and out.meta[APPLIED_ROUNDS] == []
+        assert out.data == {} and out.meta[Meta.RELATIVE_TO] == INITIAL_ADAPTER and out.meta[Meta.APPLIED_ROUNDS] == []
 
     log = run_round(0, log, SITES, encrypt, key_files, gen)
     task = gen.learnable_to_shareable(log, server_ctx(1))
-    assert [e["round"] for e in from_shareable(task).data["entries"]] == [0]
+    assert [e[Meta.ROUND] for e in from_shareable(task).data[Data.ENTRIES]] == [0]
     steady.process(task, site_ctx("hospital-a"))  # hospital-c misses round 1
 
     log = run_round(1, log, ("hospital-a", "hospital-b"), encrypt, key_files, gen)
     task = gen.learnable_to_shareable(log, server_ctx(2))
-    assert [e["round"] for e in from_shareable(task).data["entries"]] == [0, 1]  # hospital-c lacks both
+    assert [e[Meta.ROUND] for e in from_shareable(task).data[Data.ENTRIES]] == [0, 1]  # hospital-c lacks both
     a = from_shareable(steady.process(task, site_ctx("hospital-a")))
     c = from_shareable(late.process(task, site_ctx("hospital-c")))
-    assert a.meta[APPLIED_ROUNDS] == c.meta[APPLIED_ROUNDS] == [0, 1]
+    assert a.meta[Meta.APPLIED_ROUNDS] == c.meta[Meta.APPLIED_ROUNDS] == [0, 1]
     for k in SHAPES:
         np.testing.assert_array_equal(a.data[k], c.data[k])
 
     log = run_round(2, log, SITES, encrypt, key_files, gen)
-    assert [e["round"] for e in from_shareable(gen.learnable_to_shareable(log, server_ctx(3))).data["entries"]] == [2]
+    assert [e[Meta.ROUND] for e in from_shareable(gen.learnable_to_shareable(log, server_ctx(3))).data[Data.ENTRIES]] == [2]
     whole = final.learnable_to_shareable(log, server_ctx(3))
-    assert [e["round"] for e in from_shareable(whole).data["entries"]] == [0, 1, 2]
+    assert [e[Meta.ROUND] for e in from_shareable(whole).data[Data.ENTRIES]] == [0, 1, 2]
     fresh = make_filters(key_files, "hospital-b")[2]
     outs = [from_shareable(f.process(whole, site_ctx(s))) for f, s in ((steady, "a"), (late, "c"), (fresh, "b"))]
     for k in SHAPES:
         np.testing.assert_array_equal(outs[0].data[k], outs[1].data[k])
         np.testing.assert_array_equal(outs[0].data[k], outs[2].data[k])
-    assert all(o.meta[APPLIED_ROUNDS] == [0, 1, 2] for o in outs)
+    assert all(o.meta[Meta.APPLIED_ROUNDS] == [0, 1, 2] for o in outs)
 
 
 def test_a_gap_in_the_log_is_refused_and_nothing_is_applied(filters, key_files):
@@ -455,7 +453,7 @@ def test_a_gap_in_the_log_is_refused_and_nothing_is_applied(filters, key_files):
     log = run_round(0, make_log_learnable([]), SITES, encrypt, key_files, gen)
     log = run_round(1, log, SITES, encrypt, key_files, gen)
     only_latest = gen.learnable_to_shareable(log, server_ctx(2))
-    assert [e["round"] for e in from_shareable(only_latest).data["entries"]] == [1]
+    assert [e[Meta.ROUND] for e in from_shareable(only_latest).data[Data.ENTRIES]] == [1]
     newcomer = make_filters(key_files, "hospital-d")[2]
     with pytest.raises(LogError, match=r"hospital-d: cannot apply the log: it has applied rounds none, the server sent "
                                        r"rounds \[1\], so rounds \[0\] are missing"):  # fmt: skip
@@ -469,24 +467,24 @@ def test_a_tampered_log_entry_is_refused(filters, key_files):
     log = run_round(0, make_log_learnable([]), SITES, encrypt, key_files, gen)
     task = gen.learnable_to_shareable(log, server_ctx(1))
     dxo = from_shareable(task)
-    entry = dxo.data["entries"][0]
-    entry["chunks"] = [entry["chunks"][0][:-10], *entry["chunks"][1:]]
+    entry = dxo.data[Data.ENTRIES][0]
+    entry[Data.CHUNKS] = [entry[Data.CHUNKS][0][:-10], *entry[Data.CHUNKS][1:]]
     dxo.update_shareable(task)
     site = make_filters(key_files, "hospital-a")[2]
     with pytest.raises(LogError, match="hospital-a: log entry for round 0: .*do not match the recorded SHA-256"):
         site.process(task, site_ctx("hospital-a"))
     # forged clear metadata passes the digest (it covers the chunks) but not the site's own checks
-    dxo.data["entries"] = from_shareable(gen.learnable_to_shareable(log, server_ctx(1))).data["entries"]
-    dxo.data["entries"][0]["n_sites"] = 2
+    dxo.data[Data.ENTRIES] = from_shareable(gen.learnable_to_shareable(log, server_ctx(1))).data[Data.ENTRIES]
+    dxo.data[Data.ENTRIES][0][Meta.N_SITES] = 2
     dxo.update_shareable(task)
     with pytest.raises(ValueError, match="sums 2 contributions but lists 3 contributing sites"):
         site.process(task, site_ctx("hospital-a"))
-    dxo.data["entries"][0].update(site_weights={"hospital-a": 240, "hospital-b": 160}, total_weight=400 / FULL_WEIGHT)
+    dxo.data[Data.ENTRIES][0].update({Meta.EXAMPLE_COUNTS: {"hospital-a": 240, "hospital-b": 160}, Meta.TOTAL_WEIGHT: 400 / FULL_WEIGHT})
     dxo.update_shareable(task)
     with pytest.raises(ValueError, match="sums 3 contributions, the metadata says 2"):
         site.process(task, site_ctx("hospital-a"))
-    dxo.data["entries"] = from_shareable(gen.learnable_to_shareable(log, server_ctx(1))).data["entries"]
-    dxo.data["entries"][0]["total_weight"] *= 2
+    dxo.data[Data.ENTRIES] = from_shareable(gen.learnable_to_shareable(log, server_ctx(1))).data[Data.ENTRIES]
+    dxo.data[Data.ENTRIES][0][Meta.TOTAL_WEIGHT] *= 2
     dxo.update_shareable(task)
     with pytest.raises(LogError, match="total weight .* does not follow from the sites' example counts"):
         site.process(task, site_ctx("hospital-a"))
@@ -521,25 +519,25 @@ def test_persistor_appends_round_files_and_never_rewrites(filters, key_files, tm
     folder = tmp_path / "job_he" / LOG_DIR
     assert sorted(p.name for p in folder.iterdir()) == [LOG_INDEX, "round_000.bfv", "round_001.bfv"]
     lines = [json.loads(l) for l in (folder / LOG_INDEX).read_text().splitlines()]
-    assert [l["round"] for l in lines] == [0, 1]
+    assert [l[Meta.ROUND] for l in lines] == [0, 1]
     for line in lines:
         data = (folder / line["file"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == line["sha256"] and len(data) > line["bytes"]
-        assert line["site_weights"] == COUNTS and line["n_sites"] == 3
-        assert line["total_weight"] == pytest.approx(sum(COUNTS.values()) / FULL_WEIGHT)
+        assert line[Meta.EXAMPLE_COUNTS] == COUNTS and line[Meta.N_SITES] == 3
+        assert line[Meta.TOTAL_WEIGHT] == pytest.approx(sum(COUNTS.values()) / FULL_WEIGHT)
     first_file = (folder / "round_000.bfv").stat()
     persistor.save_model(log, server_ctx(1, workspace=tmp_path))  # saving again changes nothing
     assert (folder / "round_000.bfv").stat().st_mtime_ns == first_file.st_mtime_ns
     assert len((folder / LOG_INDEX).read_text().splitlines()) == 2
 
     forged = log_entries(log)
-    forged[0] = {**forged[0], "chunks": forged[1]["chunks"], "sha256": forged[1]["sha256"]}
+    forged[0] = {**forged[0], Data.CHUNKS: forged[1][Data.CHUNKS], "sha256": forged[1]["sha256"]}
     with pytest.raises(LogError, match="round 0: the log in memory differs.*never rewritten"):
         persistor.save_model(make_log_learnable(forged), server_ctx(1, workspace=tmp_path))
 
     # a fresh persistor (e.g. after a server restart) serves the log from disk to the final evaluation
     again = EncryptedLogPersistor().get_model_from_location("global_adapter", server_ctx(2, workspace=tmp_path))
-    assert [(e["round"], e["sha256"]) for e in log_entries(again)] == [(l["round"], l["sha256"]) for l in lines]
+    assert [(e[Meta.ROUND], e["sha256"]) for e in log_entries(again)] == [(l[Meta.ROUND], l["sha256"]) for l in lines]
 
 
 def test_stored_log_with_a_damaged_file_is_refused(filters, key_files, tmp_path):
@@ -568,5 +566,5 @@ def test_locator_sends_the_whole_log_for_the_final_evaluation(filters, key_files
     locator = AdapterLocator(persistor_id="persistor", shareable_generator_id="final_log")
     locator.persistor, locator.generator = persistor, EncryptedLogGenerator(whole_log=True)
     dxo = locator.locate_model(locator.get_model_names(server_ctx(2))[0], server_ctx(2))
-    assert dxo.data_kind == PACKED_BFV_ADAPTER_LOG
-    assert [e["round"] for e in dxo.data["entries"]] == [0, 1]
+    assert dxo.data_kind == EncryptedKind.LOG
+    assert [e[Meta.ROUND] for e in dxo.data[Data.ENTRIES]] == [0, 1]

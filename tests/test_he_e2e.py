@@ -18,9 +18,10 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from deployment_helpers import REPO, SITES
-from hospital_fedlora.demo import derive_job, final_comparison
-from hospital_fedlora.encrypted_log_persistor import LOG_DIR, LOG_INDEX
-from hospital_fedlora.local_federation import FederationError
+from hospital_fedlora_tools.demo import derive_job, final_comparison
+from hospital_fedlora.he.log_persistor import LOG_DIR, LOG_INDEX
+from hospital_fedlora_tools.process_table import FederationError
+from hospital_fedlora.protocol import Meta
 
 pytest_plugins = ["federation_fixtures"]
 
@@ -56,14 +57,14 @@ def test_server_result_holds_only_the_encrypted_log(runs, data_dir):
     log = run / LOG_DIR
     assert sorted(p.name for p in log.iterdir()) == [LOG_INDEX, "round_000.bfv", "round_001.bfv"]
     lines = [json.loads(l) for l in (log / LOG_INDEX).read_text().splitlines()]
-    assert [l["round"] for l in lines] == [0, 1]
+    assert [l[Meta.ROUND] for l in lines] == [0, 1]
     for line in lines:
         assert hashlib.sha256((log / line["file"]).read_bytes()).hexdigest() == line["sha256"]
-        assert line["site_weights"] == train_counts(data_dir) and line["n_sites"] == 3
+        assert line[Meta.EXAMPLE_COUNTS] == train_counts(data_dir) and line[Meta.N_SITES] == 3
     assert not (run / "global_adapter").exists()
     assert not list(run.rglob("*.safetensors"))
     rounds = [json.loads(l) for l in (run / "round_metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [0, 1] and all(set(r["site_metrics"]) == set(SITES) for r in rounds)
+    assert [r[Meta.ROUND] for r in rounds] == [0, 1] and all(set(r[Meta.SITE_METRICS]) == set(SITES) for r in rounds)
 
 
 def test_server_never_had_a_secret_key_and_accepted_every_contribution(runs):
@@ -125,7 +126,7 @@ def test_an_overflow_prone_setting_stops_the_job_naming_the_setting(federation, 
     # The first site to answer its train task with the error ends the job (ignore_result_error: false), so
     # a slower site may be stopped before it gets that far.
     setup_failed = (
-        "encryption set-up failed: job config, component hospital_fedlora.site_encryption.SiteEncryption, "
+        "encryption set-up failed: job config, component hospital_fedlora.he.site_key.SiteEncryption, "
         "args 'packing': max_sites=64 is more than"
     )
     refused = "Processing error from Task Data Filters : RuntimeError: encryption is not set up at this site"

@@ -9,7 +9,7 @@ import pytest
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
 from hospital_fedlora.config import parse_recipe
-from hospital_fedlora.kits import PACKAGE_ALLOW_PREFIX
+from hospital_fedlora.deploy.kits import PACKAGE_ALLOW_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = sorted(p.parent for p in (REPO / "jobs").glob("*/meta.json"))

@@ -14,7 +14,8 @@ from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
 from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
-from hospital_fedlora.local_federation import FederationError, LocalFederation, find_marked_processes
+from hospital_fedlora_tools.process_table import FederationError, find_marked_processes
+from hospital_fedlora_tools.local_federation import LocalFederation
 
 pytest_plugins = ["federation_fixtures"]
 
@@ -106,7 +107,7 @@ def _processes_under(folder) -> list[int]:
 
 
 def test_sigterm_to_the_runner_stops_every_process(spare_kits, tmp_path):
-    cmd = [sys.executable, "-m", "hospital_fedlora.local_federation", "--kits", str(spare_kits.prod_dir),
+    cmd = [sys.executable, "-m", "hospital_fedlora_tools.local_federation", "--kits", str(spare_kits.prod_dir),
            "--job", str(REPO / "tests" / "jobs" / "np_rounds"), "--results", str(tmp_path)]  # fmt: skip
     out = tmp_path / "runner.txt"
     with open(out, "w") as sink:

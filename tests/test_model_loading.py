@@ -8,9 +8,14 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from hospital_fedlora.adapter_state import get_adapter_state
+from hospital_fedlora.site.adapter_state import get_adapter_state
 from hospital_fedlora.config import ConfigError, LoraSettings
-from hospital_fedlora.model_loading import apply_lora, check_causal_lm_folder, choose_placement, load_base_model
+from hospital_fedlora.site.model_loading import (
+    apply_lora,
+    check_causal_lm_folder,
+    choose_placement,
+    load_base_model,
+)
 
 CPU = choose_placement("cpu", "auto", False)
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

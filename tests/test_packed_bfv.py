@@ -8,26 +8,19 @@ import tenseal as ts
 import torch
 
 from hospital_fedlora.adapter_layout import AdapterLayout
-from hospital_fedlora.packed_bfv import (
+from hospital_fedlora.he.bfv_context import (
     BFVParams,
-    CiphertextError,
-    EncryptedSum,
     MissingSecretKeyError,
-    PackingSettings,
     _is_prime,
-    add_encrypted,
     batching_prime,
-    decrypt_ints,
-    encrypt_ints,
     load_context,
     make_context,
-    pack_lanes,
-    plan_lanes,
-    read_chunk_info,
     serialize_context,
-    unpack_lanes,
 )
-from hospital_fedlora.quantize import contribution_weight, dequantize, quantize, step_size
+from hospital_fedlora.he.wire_format import CiphertextError, read_chunk_info
+from hospital_fedlora.he.packed_bfv import EncryptedSum, add_encrypted, decrypt_ints, encrypt_ints
+from hospital_fedlora.he.lanes import PackingSettings, pack_lanes, plan_lanes, unpack_lanes
+from hospital_fedlora.he.quantize import contribution_weight, dequantize, quantize, step_size
 
 INT16 = PackingSettings(bits=16, max_sites=8, ciphertexts_per_chunk=4)
 INT8 = PackingSettings(bits=8, max_sites=8, ciphertexts_per_chunk=4)

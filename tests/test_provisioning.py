@@ -19,9 +19,9 @@ from nvflare.lighter.utils import verify_folder_signature
 
 from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
 from hospital_fedlora.config import load_site_config
-from hospital_fedlora.kits import COMM_CONFIG, PACKAGE_ALLOW_PREFIX, KitError, main as kits_main
-from hospital_fedlora.local_federation import LocalFederation
-from hospital_fedlora.packed_bfv import load_context_file
+from hospital_fedlora.deploy.kits import COMM_CONFIG, PACKAGE_ALLOW_PREFIX, KitError, main as kits_main
+from hospital_fedlora_tools.local_federation import LocalFederation
+from hospital_fedlora.he.bfv_context import load_context_file
 
 ADMIN = "admin@consortium.org"
 

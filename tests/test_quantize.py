@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hospital_fedlora.quantize import (
+from hospital_fedlora.he.quantize import (
     contribution_weight,
     dequantize,
     qmax,

@@ -9,7 +9,8 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from hospital_fedlora.demo import derive_job, final_comparison, round_table, run_simulator
+from hospital_fedlora_tools.demo import derive_job, final_comparison, round_table, run_simulator
+from hospital_fedlora.protocol import Meta
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("hospital-a", "hospital-b", "hospital-c")
@@ -22,18 +23,18 @@ def shrink_job(tmp_path: Path, rounds: int, steps: int) -> Path:
 @pytest.fixture(scope="module")
 def sim_run(tmp_path_factory, base_model_dir, data_dir):
     tmp = tmp_path_factory.mktemp("sim")
-    run_dir = run_simulator(shrink_job(tmp, rounds=2, steps=8), tmp / "ws", show=lambda s: None)
+    run_dir = run_simulator(shrink_job(tmp, rounds=2, steps=8), tmp / "ws", REPO / "site_configs", show=lambda s: None)
     return run_dir
 
 
 @pytest.mark.e2e
 def test_every_round_recorded_with_example_count_weights(sim_run, data_dir):
     rows = [json.loads(l) for l in (sim_run / "round_metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [0, 1]
+    assert [r[Meta.ROUND] for r in rows] == [0, 1]
     counts = {s: sum(1 for _ in open(data_dir / s / "train.jsonl")) for s in SITES}
     for r in rows:
-        assert r["site_weights"] == counts
-        assert set(r["site_metrics"]) == set(SITES)
+        assert r[Meta.EXAMPLE_COUNTS] == counts
+        assert set(r[Meta.SITE_METRICS]) == set(SITES)
     assert "hospital-c" in round_table(sim_run)
 
 
@@ -43,7 +44,7 @@ def test_validation_loss_fell_at_every_site(sim_run):
     final = final_comparison(sim_run)
     assert set(final) == set(SITES)
     for site in SITES:
-        first_global = rows[0]["site_metrics"][site]["val_loss_global"]
+        first_global = rows[0][Meta.SITE_METRICS][site]["val_loss_global"]
         assert final[site]["val_loss"] < final[site]["base_val_loss"], site
         assert final[site]["val_loss"] < first_global, site
         # round 0's global adapter is the untrained LoRA (B = 0): it scores exactly like the base model
@@ -97,7 +98,7 @@ def site_configs_with(tmp_path: Path, site: str, old: str, new: str) -> Path:
 def test_a_failing_site_stops_the_job_and_is_named(tmp_path, monkeypatch, base_model_dir, data_dir, edit, expected):
     monkeypatch.setenv("HOSPITAL_FEDLORA_SITE_CONFIGS", str(site_configs_with(tmp_path, "hospital-c", *edit)))
     with pytest.raises(RuntimeError, match="simulator run failed"):
-        run_simulator(shrink_job(tmp_path, rounds=1, steps=1), tmp_path / "ws", show=lambda s: None)
+        run_simulator(shrink_job(tmp_path, rounds=1, steps=1), tmp_path / "ws", REPO / "site_configs", show=lambda s: None)
     log = (tmp_path / "ws.log").read_text()
     assert expected in log and "hospital-c" in log
     assert not (tmp_path / "ws" / "server" / "simulate_job" / "global_adapter").exists()

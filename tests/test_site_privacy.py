@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from hospital_fedlora.config import ConfigError, PrivacySettings, SiteConfig
-from hospital_fedlora.site_privacy import check_job_allowed, encrypts_results
+from hospital_fedlora.site.privacy_gate import ENCRYPT_FILTER, check_job_allowed, encrypts_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_encrypted_job_passes_and_opt_out_allows_plaintext():
 
 
 def test_a_filter_on_another_task_does_not_count():
-    cfg = {"task_result_filters": [{"tasks": ["validate"], "filters": [{"path": "hospital_fedlora.encrypt_filter.EncryptFilter"}]}]}
+    cfg = {"task_result_filters": [{"tasks": ["validate"], "filters": [{"path": ENCRYPT_FILTER}]}]}
     assert not encrypts_results(cfg, "train")
     cfg["task_result_filters"][0]["tasks"] = ["*"]
     assert encrypts_results(cfg, "train")

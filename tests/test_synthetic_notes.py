@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from hospital_fedlora.synthetic_notes import (
+from hospital_fedlora_tools.synthetic_notes import (
     CONDITIONS,
     SPECIALTY_NAMES,
     SITE_SPECIALTY,
@@ -90,7 +90,7 @@ def test_rewriting_replaces_the_folder_without_leftovers(tmp_path):
 def test_cli_writes_the_federation(tmp_path):
     out = tmp_path / "data"
     result = subprocess.run(
-        [sys.executable, "-m", "hospital_fedlora.synthetic_notes", "--out", str(out), "--seed", "0"],
+        [sys.executable, "-m", "hospital_fedlora_tools.synthetic_notes", "--out", str(out), "--seed", "0"],
         capture_output=True, text=True, check=True,
     )
     assert "hospital-c" in result.stdout

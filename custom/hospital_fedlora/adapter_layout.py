@@ -1,10 +1,8 @@
-"""A dict of adapter tensors as one flat vector, and back, in an order every site agrees on.
+"""The adapter's layout (tensor names, shapes, dtypes): the one check that two adapters match, and the
+flat vector form encryption works on.
 
-Encryption works on one long integer vector; FLARE and PEFT work on named tensors. ``AdapterLayout`` is
-the bridge: it records names (sorted, so insertion order never matters), shapes and dtypes, flattens a
-dict into a 1-D tensor and cuts a 1-D tensor back into the named shapes. Its manifest travels in the
-clear with every encrypted contribution so the receiver can check it has the same layout before it
-decrypts anything; the manifest is public anyway (it is the LoRA configuration).
+Names are sorted, so insertion order never matters. The manifest travels in the clear with encrypted
+contributions; it is the LoRA configuration, public anyway.
 """
 
 from __future__ import annotations
@@ -15,7 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
+
+Array = torch.Tensor | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,15 @@ class AdapterLayout:
     tensors: tuple[TensorSpec, ...]
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "AdapterLayout":
+    def from_tensors(cls, tensors: Mapping[str, Array]) -> "AdapterLayout":
+        """The layout of named torch tensors or numpy arrays."""
         if not tensors:
             raise ValueError("adapter layout: no tensors given; the adapter has no LoRA weights")
         specs = []
         for name in sorted(tensors):
             t = tensors[name]
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"adapter layout: tensor {name!r} is {type(t).__name__}, expected torch.Tensor")
+            if not isinstance(t, (torch.Tensor, np.ndarray)):
+                raise TypeError(f"adapter layout: tensor {name!r} is {type(t).__name__}, expected an array")
             specs.append(TensorSpec(name, tuple(int(d) for d in t.shape), str(t.dtype).removeprefix("torch.")))
         return cls(tuple(specs))
 
@@ -71,7 +73,8 @@ class AdapterLayout:
             offset += s.numel
         return out
 
-    def check(self, tensors: Mapping[str, torch.Tensor], source: str = "adapter") -> None:
+    def check(self, tensors: Mapping[str, Array], source: str = "adapter") -> None:
+        """Raise ``ValueError`` naming ``source`` unless ``tensors`` has exactly these names and shapes."""
         missing = [n for n in self.names if n not in tensors]
         extra = sorted(set(tensors) - set(self.names))
         if missing or extra:
@@ -81,7 +84,7 @@ class AdapterLayout:
                 "every site must use the same base model and the job's LoRA settings"
             )
         for s in self.tensors:
-            got = tuple(tensors[s.name].shape)
+            got = tuple(np.shape(tensors[s.name]))
             if got != s.shape:
                 raise ValueError(f"{source}: tensor {s.name!r} has shape {got}, the agreed layout says {s.shape}")
 

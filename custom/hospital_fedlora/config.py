@@ -1,20 +1,15 @@
-"""Typed configuration, validated at the edge.
+"""Typed configuration, validated at the edge: one strict base, one error format.
 
-Two owners, two models, no knob in both:
-
-* ``TrainingRecipe`` belongs to the **job** the operator submits: everything that must be identical at
-  every hospital for federated averaging to make sense (LoRA shape, local steps, learning rate, effective
-  batch size, sequence length, seed).
-* ``SiteConfig`` belongs to the **hospital** (``site_configs/<site>.yaml``, placed by hospital IT in the
-  site's startup kit): where its data and base model live, which hardware it trains on.
-
-A field that belongs to the other owner is rejected with a message saying where it goes.
+``TrainingRecipe`` belongs to the job (what every hospital must train with alike), ``SiteConfig`` to the
+hospital (where its data and model are, which hardware). A field of the other owner is refused with a
+message saying where it belongs. The recipe's defaults are the shipped recipe: jobs carry only what they
+change.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -24,12 +19,48 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the person who has to fix the file."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every settings model: unknown fields are errors, values are frozen once validated."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+Model = TypeVar("Model", bound=StrictModel)
+
+
+def validate(
+    model: type[Model], raw: Any, source: str, misplaced: Mapping[str, str] | None = None, docs: str = "docs/"
+) -> Model:
+    """``model`` from ``raw``, or a ``ConfigError`` naming ``source`` and every bad field.
+
+    ``misplaced`` maps field names that belong to another owner to a hint saying where they go; ``docs``
+    is the page that lists the valid fields.
+    """
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(describe(err, source, misplaced or {}, docs)) from None
+
+
+def describe(err: ValidationError, source: str, misplaced: Mapping[str, str], docs: str = "docs/") -> str:
+    """The one error format: the source, then one line per field with what is wrong and what to do."""
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        last = str(e["loc"][-1]) if e["loc"] else ""
+        if e["type"] == "extra_forbidden" and last in misplaced:
+            lines.append(f"  field '{field}': {misplaced[last]}")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"  field '{field}': unknown setting; check its spelling against {docs}")
+        else:
+            got = e.get("input")
+            got = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"  field '{field}': {e['msg'].removeprefix('Value error, ')}{got}")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- job side
-class LoraSettings(_Strict):
+class LoraSettings(StrictModel):
     r: int = Field(8, ge=1, le=1024)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -43,16 +74,16 @@ class LoraSettings(_Strict):
         return v
 
 
-class TrainingRecipe(_Strict):
+class TrainingRecipe(StrictModel):
     """What every hospital trains with; set in the job's client config (executor argument ``recipe``)."""
 
     lora: LoraSettings = LoraSettings()
-    local_steps: int = Field(20, ge=1, description="optimizer steps per round at each site")
+    local_steps: int = Field(15, ge=1, description="optimizer steps per round at each site")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step (effective batch)")
-    learning_rate: float = Field(2e-4, gt=0.0, le=1.0)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     max_seq_length: int = Field(256, ge=16)
-    max_eval_examples: int = Field(64, ge=1, description="validation examples scored per round")
+    max_eval_examples: int = Field(48, ge=1, description="validation examples scored per round")
     seed: int = 0
 
 
@@ -60,7 +91,7 @@ class TrainingRecipe(_Strict):
 DataFormat = Literal["jsonl", "csv", "parquet"]
 
 
-class DataFiles(_Strict):
+class DataFiles(StrictModel):
     """A hospital's own files. Paths relative to the site config file."""
 
     train: Path
@@ -72,7 +103,7 @@ class DataFiles(_Strict):
     response_field: str = "response"
 
 
-class PrivacySettings(_Strict):
+class PrivacySettings(StrictModel):
     """What this hospital lets a job do with its data; enforced at the site, whatever the job says."""
 
     require_encryption: bool = Field(
@@ -82,7 +113,7 @@ class PrivacySettings(_Strict):
     )
 
 
-class SiteConfig(_Strict):
+class SiteConfig(StrictModel):
     """One hospital's settings (``site_configs/<site>.yaml``)."""
 
     site: str = Field(description="the site's name in project.yml, e.g. hospital-a")
@@ -102,32 +133,15 @@ class SiteConfig(_Strict):
         return self
 
 
-# ------------------------------------------------------------------------------------ loading and errors
-_SITE_ONLY = set(SiteConfig.model_fields)
-_JOB_ONLY = set(TrainingRecipe.model_fields) | set(LoraSettings.model_fields)
-
-
-def _describe(err: ValidationError, source: str, wrong_owner: set[str], owner_hint: str) -> str:
-    lines = [f"{source}: invalid configuration"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        if e["type"] == "extra_forbidden" and str(e["loc"][-1]) in wrong_owner:
-            lines.append(f"  field '{field}': {owner_hint}")
-        elif e["type"] == "extra_forbidden":
-            lines.append(f"  field '{field}': unknown setting; check the spelling against docs/hospital-it.md")
-        else:
-            got = e.get("input")
-            got = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  field '{field}': {e['msg']}{got}")
-    return "\n".join(lines)
+# ------------------------------------------------------------------------------------------- loading
+_SITE_HINT = "this is a site-level setting: hospital IT sets it in site_configs/<site>.yaml, not the job"
+_JOB_HINT = "this is a job-level training setting: the operator sets it in the job's recipe, not the site"
+_SITE_ONLY = {name: _SITE_HINT for name in SiteConfig.model_fields}
+_JOB_ONLY = {name: _JOB_HINT for name in (*TrainingRecipe.model_fields, *LoraSettings.model_fields)}
 
 
 def parse_recipe(raw: dict[str, Any] | None, source: str = "job config (executor argument 'recipe')") -> TrainingRecipe:
-    try:
-        return TrainingRecipe.model_validate(raw or {})
-    except ValidationError as err:
-        hint = "this is a site-level setting: hospital IT sets it in site_configs/<site>.yaml, not the job"
-        raise ConfigError(_describe(err, source, _SITE_ONLY, hint)) from None
+    return validate(TrainingRecipe, raw or {}, source, _SITE_ONLY, "docs/operator.md")
 
 
 def load_site_config(path: str | Path, expected_site: str | None = None) -> SiteConfig:
@@ -141,11 +155,7 @@ def load_site_config(path: str | Path, expected_site: str | None = None) -> Site
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
-    try:
-        cfg = SiteConfig.model_validate(raw)
-    except ValidationError as err:
-        hint = "this is a job-level training setting: the operator sets it in the job's recipe, not the site"
-        raise ConfigError(_describe(err, str(path), _JOB_ONLY, hint)) from None
+    cfg = validate(SiteConfig, raw, str(path), _JOB_ONLY, "docs/hospital-it.md")
     if expected_site is not None and cfg.site != expected_site:
         raise ConfigError(f"{path}: field 'site' is {cfg.site!r} but this client is {expected_site!r}")
     return _resolve_paths(cfg, path.parent)

@@ -2,7 +2,7 @@
 
 In one run on one machine:
 
-1. ``python -m hospital_fedlora.kits`` (what ``make kits`` runs) into a temporary workspace, with a free port;
+1. ``python -m hospital_fedlora.deploy.kits`` (what ``make kits`` runs) into a temporary workspace, with a free port;
 2. server and three hospitals started from their kits (``LocalFederation``); idle RSS of every FLARE
    process once all hospitals are connected and no job runs;
 3. the plaintext job (shortened) submitted through the FLARE API; time to the server's "Round 0 started";
@@ -29,9 +29,9 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_round_overhead import round_overheads, summarize  # noqa: E402
 
-from hospital_fedlora.demo import derive_job, run_simulator  # noqa: E402
-from hospital_fedlora.kits import latest_prod_dir  # noqa: E402
-from hospital_fedlora.local_federation import LocalFederation  # noqa: E402
+from hospital_fedlora_tools.demo import derive_job, run_simulator  # noqa: E402
+from hospital_fedlora.deploy.kits import latest_prod_dir  # noqa: E402
+from hospital_fedlora_tools.local_federation import LocalFederation  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
         t0 = time.monotonic()
         subprocess.run(
-            [sys.executable, "-m", "hospital_fedlora.kits", "--project", str(tmp / "project.yml"),
+            [sys.executable, "-m", "hospital_fedlora.deploy.kits", "--project", str(tmp / "project.yml"),
              "--workspace", str(tmp / "kits"), "--site-configs", str(REPO / "site_configs")],
             check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
             job_log = (result / "workspace" / "log.txt").read_text()  # the server's job log
         deployed = summarize(round_overheads(job_log, result / "workspace" / "round_metrics.jsonl"))
 
-        sim_dir = run_simulator(job, tmp / "sim", show=lambda s: None)
+        sim_dir = run_simulator(job, tmp / "sim", REPO / "site_configs", show=lambda s: None)
         simulated = summarize(round_overheads((tmp / "sim.log").read_text(), sim_dir / "round_metrics.jsonl"))
 
     report = {

@@ -49,18 +49,10 @@ from nvflare.app_opt.he.model_shareable_generator import HEModelShareableGenerat
 from nvflare.fuel.sec.security_content_service import SecurityContentService
 
 from hospital_fedlora.adapter_layout import AdapterLayout
-from hospital_fedlora.packed_bfv import (
-    BFVParams,
-    EncryptedSum,
-    PackingSettings,
-    decrypt_ints,
-    encrypt_ints,
-    load_context,
-    make_context,
-    plan_lanes,
-    serialize_context,
-)
-from hospital_fedlora.quantize import contribution_weight, dequantize, quantize, step_size
+from hospital_fedlora.he.bfv_context import BFVParams, load_context, make_context, serialize_context
+from hospital_fedlora.he.packed_bfv import EncryptedSum, decrypt_ints, encrypt_ints
+from hospital_fedlora.he.lanes import PackingSettings, plan_lanes
+from hospital_fedlora.he.quantize import contribution_weight, dequantize, quantize, step_size
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 EXAMPLES = [1200, 800, 1600]  # per-site training examples (FLARE's NUM_STEPS_CURRENT_ROUND)

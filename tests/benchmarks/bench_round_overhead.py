@@ -14,7 +14,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
-from hospital_fedlora.demo import derive_job, run_simulator
+from hospital_fedlora_tools.demo import derive_job, run_simulator
 
 REPO = Path(__file__).resolve().parents[2]
 _ROUND = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Round (\d+) (started|finished)\.")
@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=REPO / "workspace") as tmp:
         tmp = Path(tmp)
-        run_dir = run_simulator(derive_job(REPO / "jobs" / "fedlora_plain", tmp, args.rounds, args.steps), tmp / "ws", show=lambda s: None)
+        run_dir = run_simulator(derive_job(REPO / "jobs" / "fedlora_plain", tmp, args.rounds, args.steps), tmp / "ws", REPO / "site_configs", show=lambda s: None)
         result = summarize(round_overheads((tmp / "ws.log").read_text(), run_dir / "round_metrics.jsonl"))
     result.update({"mode": "simulator", "sites": 3, "local_steps": args.steps})
     args.out.mkdir(parents=True, exist_ok=True)

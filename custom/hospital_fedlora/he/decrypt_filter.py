@@ -1,0 +1,127 @@
+"""Task-data filter at the hospital: rebuilds the global adapter from the server's encrypted log."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+
+from ..adapter_layout import AdapterLayout
+from ..protocol import INITIAL_ADAPTER, Data, EncryptedKind, Meta, round_tag
+from .encrypted_log import LogEntry, LogError
+from .packed_bfv import decrypt_ints
+from .quantize import contribution_weight, dequantize
+from .site_key import SiteEncryption, find_site_encryption
+
+
+class DecryptFilter(DXOFilter):
+    """Applies the encrypted log entries the server sends (``EncryptedKind.LOG``) to this site's adapter.
+
+    Usually one entry arrives (the last round's sum); more when this site missed rounds; the whole log
+    for the final evaluation. Each entry's SHA-256 is checked; entries this site applied are skipped; a
+    gap is refused; the clear total weight must follow from the clear example counts. Then each round is
+    decrypted, unpacked, dequantized and divided by its total weight, and added to the site's cumulative
+    change. The executor receives that change as a ``WEIGHT_DIFF`` relative to the seeded initial adapter
+    (identical at every site), so every site holds the same global adapter. A batch of entries is applied
+    all or nothing; the state lives for one job in this process.
+
+    Args:
+        encryption_id: id of the job's ``site_key.SiteEncryption`` component (key and settings).
+    """
+
+    def __init__(self, encryption_id: str = "site_encryption"):
+        super().__init__(supported_data_kinds=[EncryptedKind.LOG], data_kinds_to_filter=[EncryptedKind.LOG])
+        self.encryption_id = encryption_id
+        self.encryption: SiteEncryption | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.change: dict[str, torch.Tensor] = {}  # float64 sum of the applied rounds' averages
+        self.applied: list[int] = []
+        self.layout: AdapterLayout | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type in (EventType.START_RUN, EventType.END_RUN):
+            self.reset()
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        site = fl_ctx.get_identity_name() or "this site"
+        if self.encryption is None:
+            self.encryption = find_site_encryption(fl_ctx, self.encryption_id)
+        enc = self.encryption.ready(fl_ctx)
+        raw = dxo.data.get(Data.ENTRIES)
+        if not isinstance(raw, list):
+            raise LogError(f"{site}: the server's log message has no list of '{Data.ENTRIES}'")
+        entries = [LogEntry.from_dict(d, source=f"{site}: log entry {i} from the server") for i, d in enumerate(raw)]
+        for e in entries:
+            e.verify(f"{site}: log entry for round {e.round}")
+        entries.sort(key=lambda e: e.round)
+        rounds = [e.round for e in entries]
+        if len(set(rounds)) != len(rounds):
+            raise LogError(f"{site}: the server sent round(s) more than once: {rounds}")
+        new = [e for e in entries if e.round not in self.applied]
+        expected = self.applied[-1] + 1 if self.applied else 0
+        lacking = sorted(set(range(expected, new[-1].round + 1)) - set(rounds)) if new else []
+        if lacking or (new and new[0].round < expected):
+            raise LogError(
+                f"{site}: cannot apply the log: it has applied rounds {_span(self.applied)}, the server sent rounds "
+                f"{_span(rounds)}, so rounds {lacking or [new[0].round]} are missing or out of order. The global "
+                "adapter is the sum of every round: the server must send the log from the first round this site lacks"
+            )
+        change, layout = self._add(new, enc, site, fl_ctx)
+        self.change, self.layout = change, layout
+        self.applied += [e.round for e in new]
+        if new:
+            self.log_info(
+                fl_ctx,
+                f"{site}: applied round(s) {[e.round for e in new]} of the encrypted log "
+                f"({len(entries) - len(new)} received entries already applied); rounds applied: {_span(self.applied)}",
+            )
+        data = {k: v.to(torch.float32).numpy() for k, v in self.change.items()}
+        meta = {Meta.RELATIVE_TO: INITIAL_ADAPTER, Meta.APPLIED_ROUNDS: list(self.applied)}
+        return DXO(DataKind.WEIGHT_DIFF, data=data, meta=meta)
+
+    def _add(self, entries: list[LogEntry], enc: SiteEncryption, site: str, fl_ctx: FLContext):
+        """The cumulative change with ``entries`` added; nothing is kept if any of them fails."""
+        change = {k: v.clone() for k, v in self.change.items()}
+        layout = self.layout
+        s, plan = enc.settings, enc.plan
+        for e in entries:
+            source = f"{site}: round {e.round} aggregate"
+            this = AdapterLayout.from_manifest(list(e.layout), source=source)
+            if layout is not None and this != layout:
+                raise LogError(
+                    f"{source}: its adapter layout {this.fingerprint()} differs from earlier rounds' {layout.fingerprint()}"
+                )
+            layout = this
+            self._check_weights(e, s.full_weight, source)
+            sums = decrypt_ints(enc.context, list(e.chunks), plan, e.n_values, e.n_sites, round_tag(e.round), source)
+            average = dequantize(layout.unflatten(sums, source=source), s.clip, plan.bits, e.total_weight)
+            for k, v in average.items():
+                change[k] = change[k] + v.double() if k in change else v.double()
+        return change, layout
+
+    @staticmethod
+    def _check_weights(e: LogEntry, full_weight: float, source: str) -> None:
+        """The clear total weight must follow from the clear example counts: the server only adds them up."""
+        if len(e.example_counts) != e.n_sites:
+            raise LogError(f"{source}: sums {e.n_sites} contributions but lists {len(e.example_counts)} contributing sites")
+        expected = math.fsum(contribution_weight(c, full_weight) for c in e.example_counts.values())
+        if not math.isclose(e.total_weight, expected, rel_tol=1e-9):
+            raise LogError(
+                f"{source}: total weight {e.total_weight!r} does not follow from the sites' example counts "
+                f"{e.example_counts} (expected {expected!r} with full_weight {full_weight:g}); refusing a mis-weighted average"
+            )
+
+
+def _span(rounds: list[int]) -> str:
+    if not rounds:
+        return "none"
+    if rounds == list(range(rounds[0], rounds[-1] + 1)) and len(rounds) > 2:
+        return f"{rounds[0]}..{rounds[-1]}"
+    return str(rounds)

@@ -1,0 +1,105 @@
+"""Task-result filter at the hospital: the adapter change leaves the site only as packed BFV ciphertexts."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from nvflare.apis.dxo import DXO, DataKind
+from nvflare.apis.dxo_filter import DXOFilter
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.app_common.app_constant import AppConstants
+
+from ..adapter_layout import AdapterLayout
+from ..protocol import Data, EncryptedKind, Meta, round_tag
+from .packed_bfv import encrypt_ints
+from .quantize import contribution_weight, quantize
+from .site_key import SiteEncryption, find_site_encryption
+
+# Executor metadata the server may see; everything else the executor attached stays at the site.
+PASSED_THROUGH_META = (Meta.METRICS, Meta.ADAPTER_CONFIG)
+
+
+class EncryptFilter(DXOFilter):
+    """Encrypts a ``train`` result's adapter change (``WEIGHT_DIFF``) with the hospital's key.
+
+    Clips the change to the job's bound, scales it by the site's weight factor, rounds it stochastically
+    to int8/int16 on the scale all sites share, packs several integers per slot, encrypts them and tags
+    them with the round. The DXO becomes ``EncryptedKind.DIFF`` with data ``{chunks: [bytes, ...]}``; in the
+    clear stay the example count and weight factor, the adapter layout, the value count, the site's
+    training metrics and the adapter config (what the server checks and logs).
+
+    Args:
+        encryption_id: id of the job's ``site_key.SiteEncryption`` component (key and settings).
+    """
+
+    def __init__(self, encryption_id: str = "site_encryption"):
+        super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF], data_kinds_to_filter=[DataKind.WEIGHT_DIFF])
+        self.encryption_id = encryption_id
+        self.encryption: SiteEncryption | None = None
+        self._task_round: int | None = None
+        self.clipped = 0  # values clipped in the last result; logged here, never sent (it hints at magnitudes)
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.BEFORE_TASK_EXECUTION:
+            # The result carries no round; the task it answers does (the ciphertexts are tagged with it).
+            task = fl_ctx.get_prop(FLContextKey.TASK_DATA)
+            self._task_round = task.get_header(AppConstants.CURRENT_ROUND) if isinstance(task, Shareable) else None
+
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
+        site = fl_ctx.get_identity_name() or "this site"
+        if self.encryption is None:
+            self.encryption = find_site_encryption(fl_ctx, self.encryption_id)
+        enc = self.encryption.ready(fl_ctx)
+        rnd = shareable.get_header(AppConstants.CURRENT_ROUND, self._task_round)
+        if not isinstance(rnd, int):
+            raise ValueError(f"{site}: cannot tell which round this result is for (no {AppConstants.CURRENT_ROUND})")
+        count = dxo.get_meta_prop(Meta.EXAMPLE_COUNT)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(
+                f"{site}: the result's example count (meta '{Meta.EXAMPLE_COUNT}') must be a "
+                f"non-negative integer, got {count!r}"
+            )
+        s = enc.settings
+        weight = contribution_weight(count, s.full_weight)
+        if count > s.full_weight:
+            self.log_warning(
+                fl_ctx,
+                f"{site}: {count} examples exceed full_weight {s.full_weight:g}; this site counts as {s.full_weight:g} "
+                "in the average (raise full_weight in the job to give it its full share)",
+            )
+        tensors = {k: _as_tensor(v) for k, v in dxo.data.items()}
+        layout = AdapterLayout.from_tensors(tensors)
+        plan = enc.plan
+        q = quantize(tensors, s.clip, plan.bits, enc.rounding_generator(site, rnd), weight=weight)
+        chunks = encrypt_ints(enc.context, layout.flatten(q.ints), plan, tag=round_tag(rnd))
+        self.clipped = q.n_clipped
+        meta = {
+            Meta.EXAMPLE_COUNT: count,
+            Meta.WEIGHT_FACTOR: weight,
+            Meta.LAYOUT: layout.to_manifest(),
+            Meta.LAYOUT_FINGERPRINT: layout.fingerprint(),
+            Meta.N_VALUES: layout.n_values,
+        }
+        meta.update({k: dxo.get_meta_prop(k) for k in PASSED_THROUGH_META if dxo.get_meta_prop(k) is not None})
+        nbytes = sum(len(c) for c in chunks)
+        self.log_info(
+            fl_ctx,
+            f"{site} round {rnd}: encrypted {layout.n_values:,} values as int{plan.bits} into {len(chunks)} chunks "
+            f"({nbytes:,} bytes), weight {weight:.4f} ({count} examples), {q.n_clipped:,} clipped",
+        )
+        if q.n_clipped:
+            self.log_warning(
+                fl_ctx,
+                f"{site} round {rnd}: {q.n_clipped:,} of {q.n_values:,} values ({q.n_clipped / q.n_values:.2%}) exceeded "
+                f"the clip bound {s.clip} and were clipped; if this is more than a few, raise 'clip' in the job",
+            )
+        return DXO(EncryptedKind.DIFF, data={Data.CHUNKS: chunks}, meta=meta)
+
+
+def _as_tensor(v) -> torch.Tensor:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu()
+    return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32))

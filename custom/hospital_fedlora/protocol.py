@@ -1,0 +1,81 @@
+"""Every name that travels between a hospital and the server, defined once and imported by both sides.
+
+DXO data kinds, metadata keys, metric keys, the round tag on ciphertexts and the error header of a failed
+task. What each key holds and who may read it is in ``docs/architecture.md`` (the message table).
+Plain strings, no FLARE imports, so the numeric core can use them too.
+"""
+
+from __future__ import annotations
+
+
+class EncryptedKind:
+    """DXO data kinds of the encrypted job, beside FLARE's own (``WEIGHTS``, ``WEIGHT_DIFF``, ``METRICS``)."""
+
+    DIFF = "PACKED_BFV_WEIGHT_DIFF"  # one hospital's encrypted adapter change
+    SUM = "PACKED_BFV_WEIGHT_DIFF_SUM"  # the server's sum of one round's encrypted changes
+    LOG = "PACKED_BFV_ADAPTER_LOG"  # entries of the encrypted round log, sent to the hospitals
+
+
+class Meta:
+    """DXO metadata keys."""
+
+    # FLARE's own aggregators read a contribution's weight from this key (``MetaKey.NUM_STEPS_CURRENT_ROUND``);
+    # ours put the site's number of training examples there.
+    EXAMPLE_COUNT = "NUM_STEPS_CURRENT_ROUND"
+    METRICS = "metrics"  # one site's training metrics (``Metric``) for the round
+    ADAPTER_CONFIG = "adapter_config"  # PEFT's adapter_config.json content, the same at every site
+
+    # an encrypted contribution, in the clear
+    WEIGHT_FACTOR = "weight_factor"  # min(example count, full_weight) / full_weight, applied before rounding
+    LAYOUT = "layout"  # AdapterLayout manifest: tensor names, shapes, dtypes
+    LAYOUT_FINGERPRINT = "layout_fingerprint"
+    N_VALUES = "n_values"  # values in the flattened adapter
+
+    # a round's aggregate (plaintext and encrypted), and each entry of the encrypted log
+    ROUND = "round"
+    N_SITES = "n_sites"  # contributions summed
+    TOTAL_WEIGHT = "total_weight"  # sum of the contributors' weight factors: the sites divide by it
+    WEIGHT_FACTORS = "weight_factors"  # site -> weight factor
+    EXAMPLE_COUNTS = "example_counts"  # site -> number of training examples
+    SITE_METRICS = "site_metrics"  # site -> its ``METRICS``
+
+    # the encrypted log message
+    LOG_ROUNDS = "log_rounds"  # entries the server's log holds
+    FIRST_ROUND_SENT = "first_round_sent"
+
+    # inside a site: the decrypt filter hands the executor the change since the seeded initial adapter
+    RELATIVE_TO = "relative_to"
+    APPLIED_ROUNDS = "applied_rounds"
+
+
+INITIAL_ADAPTER = "initial_adapter"  # the value of ``Meta.RELATIVE_TO``
+
+
+class Data:
+    """Keys inside a DXO's data for the encrypted kinds."""
+
+    CHUNKS = "chunks"  # list of serialized ciphertext chunks (``he.wire_format``)
+    ENTRIES = "entries"  # list of encrypted log entries (``he.encrypted_log.LogEntry.to_dict``)
+
+
+class Metric:
+    """Keys of a site's metrics: ``train`` results carry the first six, ``validate`` results the last three."""
+
+    TRAIN_LOSS = "train_loss"
+    VAL_LOSS_GLOBAL = "val_loss_global"  # validation loss of the global adapter the site received
+    VAL_LOSS_LOCAL = "val_loss_local"  # validation loss after the site's local steps
+    TRAIN_TOKENS = "train_tokens"
+    TRAIN_SECONDS = "train_seconds"
+    TASK_SECONDS = "task_seconds"  # the whole task at the site: set adapter, evaluate, train, evaluate, diff
+    VAL_LOSS = "val_loss"
+    BASE_VAL_LOSS = "base_val_loss"
+    VAL_EXAMPLES = "val_examples"
+
+
+# A site that cannot do a task says why in this header of its error reply, so the server's log names the cause.
+ERROR_HEADER = "hospital_fedlora_error"
+
+
+def round_tag(rnd: int) -> str:
+    """The tag every ciphertext of round ``rnd`` carries in its chunk headers (checked at both ends)."""
+    return f"round {int(rnd)}"

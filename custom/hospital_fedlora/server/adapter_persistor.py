@@ -1,0 +1,71 @@
+"""Server persistor of the plaintext job: the global adapter, every round, in PEFT format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
+from nvflare.app_common.abstract.model_persistor import ModelPersistor
+from nvflare.app_common.app_constant import AppConstants
+from safetensors.numpy import save_file
+
+from ..adapter_files import GLOBAL_ADAPTER_DIR, load_peft_adapter, save_peft_adapter
+from ..protocol import Meta
+
+ROUNDS_DIR = "adapter_rounds"
+
+
+class AdapterPersistor(ModelPersistor):
+    """Saves the plaintext global adapter after every round, in the job's run folder on the server.
+
+    ``adapter_rounds/round_NNN.safetensors`` keeps each round; ``global_adapter/`` is refreshed as a PEFT
+    adapter folder (written atomically), so the job's downloaded result loads with
+    ``PeftModel.from_pretrained``. With no ``initial_adapter`` the global adapter starts empty and the job's
+    ``InitializeGlobalWeights`` takes the seeded initial adapter from the sites (the server needs no base
+    model).
+
+    Args:
+        initial_adapter: a PEFT adapter folder to continue from (e.g. a previous job's result).
+    """
+
+    def __init__(self, initial_adapter: str = ""):
+        super().__init__()
+        self.initial_adapter = initial_adapter
+        self._adapter_config: dict | None = None
+        self._latest: ModelLearnable | None = None
+
+    def _run_dir(self, fl_ctx: FLContext) -> Path:
+        return Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+
+    def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
+        if not self.initial_adapter:
+            return ModelLearnable()
+        weights, self._adapter_config = load_peft_adapter(Path(self.initial_adapter))
+        self.log_info(fl_ctx, f"starting from adapter {self.initial_adapter} ({len(weights)} tensors)")
+        return make_model_learnable(weights, {Meta.ADAPTER_CONFIG: self._adapter_config})
+
+    def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:
+        weights = model[ModelLearnableKey.WEIGHTS]
+        meta = model.get(ModelLearnableKey.META) or {}
+        self._adapter_config = meta.get(Meta.ADAPTER_CONFIG) or self._adapter_config
+        if not self._adapter_config:
+            raise ValueError("no adapter_config reached the server; sites attach it to every contribution")
+        run = self._run_dir(fl_ctx)
+        rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        (run / ROUNDS_DIR).mkdir(parents=True, exist_ok=True)
+        arrays = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in weights.items()}
+        tmp = run / ROUNDS_DIR / f".round_{rnd:03d}.tmp"
+        save_file(arrays, str(tmp))
+        tmp.replace(run / ROUNDS_DIR / f"round_{rnd:03d}.safetensors")
+        out = save_peft_adapter(run / GLOBAL_ADAPTER_DIR, arrays, self._adapter_config)
+        self._latest = make_model_learnable(arrays, {Meta.ADAPTER_CONFIG: self._adapter_config})
+        self.log_info(fl_ctx, f"round {rnd}: global adapter saved to {out}")
+
+    def get_model_from_location(self, location: str, fl_ctx: FLContext) -> ModelLearnable:
+        """For FLARE's ``ListModelLocator``: the latest global adapter, for the final evaluation at the sites."""
+        if self._latest is None:
+            weights, config = load_peft_adapter(self._run_dir(fl_ctx) / location)
+            self._latest = make_model_learnable(weights, {Meta.ADAPTER_CONFIG: config})
+        return self._latest

@@ -1,0 +1,260 @@
+"""The hospital's FLARE executor: fine-tunes LoRA on the site's own data and returns the adapter difference."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from pathlib import Path
+
+import torch
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from ..adapter_files import GLOBAL_ADAPTER_DIR, save_peft_adapter
+from ..adapter_layout import AdapterLayout
+from ..config import ConfigError, SiteConfig, load_site_config, parse_recipe
+from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, Meta, Metric
+from . import adapter_state as ad
+from .dataset import load_records
+from .model_loading import apply_lora, choose_placement, load_base_model
+from .privacy_gate import check_job_allowed
+from .trainer import LocalTrainer, StepReport
+
+SITE_CONFIG_FILE = "site_config.yaml"
+SITE_CONFIGS_ENV = "HOSPITAL_FEDLORA_SITE_CONFIGS"
+
+
+class _Aborted(Exception):
+    pass
+
+
+def find_site_config(site_root: Path, site: str) -> Path:
+    """The kit's own copy wins; the environment variable serves the simulator and POC."""
+    candidates = [site_root / "local" / SITE_CONFIG_FILE]
+    if os.environ.get(SITE_CONFIGS_ENV):
+        candidates.append(Path(os.environ[SITE_CONFIGS_ENV]) / f"{site}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c
+    tried = ", ".join(str(c) for c in candidates)
+    raise ConfigError(
+        f"no site config for {site!r} (looked in: {tried}); hospital IT places site_configs/{site}.yaml "
+        f"in the kit as local/{SITE_CONFIG_FILE}"
+    )
+
+
+class LoraExecutor(Executor):
+    """Fine-tunes a LoRA adapter on this hospital's data; one instance per job at each site.
+
+    Tasks: ``get_weights`` (the seeded initial adapter, identical at every site), ``train`` (set the global
+    adapter, train ``local_steps``, return the ``WEIGHT_DIFF`` with the example count and metrics),
+    ``validate`` (score the final adapter and the base model on the validation split, keep the adapter in
+    PEFT format in the site's run folder) and ``submit_model`` (the current adapter). The site's own
+    settings come from its site config: ``<kit>/local/site_config.yaml``, or
+    ``$HOSPITAL_FEDLORA_SITE_CONFIGS/<site>.yaml`` in the simulator. A site that cannot set up answers
+    every task with an error reply whose ``ERROR_HEADER`` names the cause.
+
+    Args:
+        recipe: the job's ``config.TrainingRecipe`` fields that differ from its defaults (the shipped recipe).
+        train_task_name, validate_task_name, submit_model_task_name, get_weights_task_name: FLARE task names.
+        log_every_n_steps: how often training progress is logged.
+    """
+
+    def __init__(
+        self,
+        recipe: dict | None = None,
+        train_task_name: str = AppConstants.TASK_TRAIN,
+        validate_task_name: str = AppConstants.TASK_VALIDATION,
+        submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
+        get_weights_task_name: str = AppConstants.TASK_GET_WEIGHTS,
+        log_every_n_steps: int = 5,
+    ):
+        super().__init__()
+        # The recipe is checked as the job is deployed, before any site loads a model.
+        self.recipe = parse_recipe(recipe)
+        self.train_task = train_task_name
+        self.task_names = {
+            train_task_name: self._train,
+            validate_task_name: self._validate,
+            submit_model_task_name: self._submit_model,
+            get_weights_task_name: self._get_weights,
+        }
+        self.log_every_n_steps = log_every_n_steps
+        self.site: SiteConfig | None = None
+        self.trainer: LocalTrainer | None = None
+        self.adapter_config: dict | None = None
+        self.run_dir: Path | None = None
+        self.initial_state: dict | None = None
+        self._setup_error: str | None = None
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            try:
+                self._setup(fl_ctx)
+            except Exception as err:  # reported with every task reply, so the server names this site and cause
+                self._setup_error = f"{type(err).__name__}: {err}" if not isinstance(err, ConfigError) else str(err)
+                self.log_error(fl_ctx, f"site set-up failed: {self._setup_error}")
+        elif event_type == EventType.END_RUN:
+            self.trainer = None
+
+    def _setup(self, fl_ctx: FLContext) -> None:
+        name = fl_ctx.get_identity_name()
+        workspace = fl_ctx.get_engine().get_workspace()
+        self.run_dir = Path(workspace.get_run_dir(fl_ctx.get_job_id()))
+        config_path = find_site_config(Path(workspace.get_root_dir()), name)
+        self.site = site = load_site_config(config_path, expected_site=name)
+        source = str(config_path)
+        check_job_allowed(
+            site.privacy, Path(workspace.get_client_app_config_file_path(fl_ctx.get_job_id())), self.train_task, source
+        )
+        if site.num_threads:
+            torch.set_num_threads(site.num_threads)
+        train_records = load_records(site.data, "train", source)
+        val_records = load_records(site.data, "validation", source)
+        placement = choose_placement(site.device, site.dtype, site.load_in_4bit, source)
+        model, tokenizer = load_base_model(site.base_model_path, placement, source)
+        model = apply_lora(model, self.recipe.lora, self.recipe.seed)
+        self.adapter_config = ad.adapter_config_dict(model)
+        self.initial_state = ad.get_adapter_state(model)
+        r = self.recipe
+        self.trainer = LocalTrainer(
+            model,
+            tokenizer,
+            train_records,
+            val_records,
+            max_seq_length=r.max_seq_length,
+            batch_size=r.batch_size,
+            micro_batch_size=site.micro_batch_size,
+            learning_rate=r.learning_rate,
+            weight_decay=r.weight_decay,
+            # Sites draw different batches; the LoRA init above uses the shared seed alone.
+            seed=r.seed + sum(name.encode()),
+        )
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.log_info(
+            fl_ctx,
+            f"ready: {len(train_records)} train / {len(val_records)} validation examples, "
+            f"{placement.device} {str(placement.dtype).removeprefix('torch.')}"
+            f"{' 4-bit' if placement.load_in_4bit else ''}, {n_trainable:,} LoRA parameters, config {source}",
+        )
+
+    # -------------------------------------------------------------------------------------------- tasks
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        handler = self.task_names.get(task_name)
+        if handler is None:
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        if self._setup_error or self.trainer is None:
+            return self._error_reply(ReturnCode.EXECUTION_EXCEPTION, self._setup_error or "site is not set up")
+        try:
+            return handler(shareable, fl_ctx, abort_signal)
+        except _Aborted:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        except Exception as err:
+            self.log_error(fl_ctx, f"task {task_name} failed: {err}\n{traceback.format_exc()}")
+            return self._error_reply(ReturnCode.EXECUTION_EXCEPTION, f"{task_name} failed: {type(err).__name__}: {err}")
+
+    def _error_reply(self, rc: str, message: str) -> Shareable:
+        reply = make_reply(rc)
+        reply.set_header(ERROR_HEADER, message)
+        return reply
+
+    def _received_adapter(self, shareable: Shareable, fl_ctx: FLContext) -> dict:
+        """Set the global adapter: sent whole (plaintext job), or as the change since the shared initial
+        adapter (encrypted job: the server holds no plaintext, the decrypt filter rebuilds the change)."""
+        dxo = from_shareable(shareable)
+        source = "adapter received from the server"
+        if dxo.data_kind == DataKind.WEIGHTS:
+            state = dxo.data
+        elif dxo.data_kind == DataKind.WEIGHT_DIFF and dxo.get_meta_prop(Meta.RELATIVE_TO) == INITIAL_ADAPTER:
+            if dxo.data:
+                AdapterLayout.from_tensors(self.initial_state).check(dxo.data, source)
+            state = {k: v + dxo.data[k] if dxo.data else v for k, v in self.initial_state.items()}
+        else:
+            raise ValueError(
+                f"expected the global adapter as {DataKind.WEIGHTS} or as a {DataKind.WEIGHT_DIFF} relative to the "
+                f"initial adapter, got {dxo.data_kind}"
+            )
+        ad.set_adapter_state(self.trainer.model, state, source=source)
+        return ad.get_adapter_state(self.trainer.model)
+
+    def _current_adapter(self) -> Shareable:
+        meta = {Meta.ADAPTER_CONFIG: self.adapter_config}
+        return DXO(DataKind.WEIGHTS, data=ad.get_adapter_state(self.trainer.model), meta=meta).to_shareable()
+
+    def _get_weights(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        # Before any training this is the seeded initial adapter: the same at every site, no patient data in it.
+        return self._current_adapter()
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        started = time.perf_counter()
+        rnd = shareable.get_header(AppConstants.CURRENT_ROUND)
+        total = shareable.get_header(AppConstants.NUM_ROUNDS)
+        global_state = self._received_adapter(shareable, fl_ctx)
+        r, t = self.recipe, self.trainer
+        val_global = t.evaluate(r.max_eval_examples)
+        every = max(1, self.log_every_n_steps)
+
+        def progress(s: StepReport) -> None:
+            if abort_signal.triggered:
+                raise _Aborted()
+            if s.step % every == 0 or s.step == s.steps:
+                self.log_info(
+                    fl_ctx,
+                    f"{self.site.site} round {rnd + 1}/{total} step {s.step}/{s.steps} loss {s.loss:.4f} ({s.tokens_per_s:,.0f} tok/s)",
+                )
+
+        result = t.train(r.local_steps, progress)
+        val_local = t.evaluate(r.max_eval_examples)
+        metrics = {
+            Metric.TRAIN_LOSS: result.mean_loss,
+            Metric.VAL_LOSS_GLOBAL: val_global,
+            Metric.VAL_LOSS_LOCAL: val_local,
+            Metric.TRAIN_TOKENS: result.tokens,
+            Metric.TRAIN_SECONDS: result.seconds,
+        }
+        self.log_info(
+            fl_ctx,
+            f"{self.site.site} round {rnd + 1}/{total} done: train loss {result.mean_loss:.4f}, validation loss "
+            f"{val_global:.4f} -> {val_local:.4f}",
+        )
+        diff = ad.subtract(ad.get_adapter_state(t.model), global_state)
+        # The rest of a round's wall time is FLARE's (messaging, filters, aggregation, persistence).
+        metrics[Metric.TASK_SECONDS] = time.perf_counter() - started
+        meta = {
+            Meta.EXAMPLE_COUNT: t.num_train_examples,
+            Meta.METRICS: metrics,
+            Meta.ADAPTER_CONFIG: self.adapter_config,
+        }
+        return DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        state = self._received_adapter(shareable, fl_ctx)
+        n = self.recipe.max_eval_examples
+        metrics = {
+            Metric.VAL_LOSS: self.trainer.evaluate(n),
+            Metric.BASE_VAL_LOSS: self.trainer.evaluate_base(n),
+            Metric.VAL_EXAMPLES: min(n, len(self.trainer.val_examples)),
+        }
+        out = save_peft_adapter(self.run_dir / GLOBAL_ADAPTER_DIR, state, self.adapter_config)
+        self.log_info(
+            fl_ctx,
+            f"{self.site.site} final validation loss {metrics[Metric.VAL_LOSS]:.4f} "
+            f"(base model {metrics[Metric.BASE_VAL_LOSS]:.4f}); adapter saved to {out}",
+        )
+        return DXO(DataKind.METRICS, data=metrics).to_shareable()
+
+    def _submit_model(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        if self.site.privacy.require_encryption:
+            raise PermissionError(
+                "submit_model would send this site's adapter in the clear; its site config sets "
+                "privacy.require_encryption"
+            )
+        return self._current_adapter()
