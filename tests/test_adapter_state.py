@@ -17,7 +17,7 @@ from hospital_fedlora.adapter_files import (
     load_peft_adapter,
     save_peft_adapter,
 )
-from hospital_fedlora.site.adapter_state import (
+from hospital_fedlora.site.trainer import (
     adapter_config_dict,
     get_adapter_state,
     set_adapter_state,
@@ -191,7 +191,7 @@ def test_load_of_an_incomplete_folder_names_the_missing_file(model, tmp_path):
 _CONFIG_IN_A_FRESH_PROCESS = """
 import json, sys
 from pathlib import Path
-from hospital_fedlora.site.adapter_state import adapter_config_dict
+from hospital_fedlora.site.trainer import adapter_config_dict
 from hospital_fedlora.config import LoraSettings
 from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
 model, _ = load_base_model(Path(sys.argv[1]), choose_placement("cpu", "auto", False))

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from hospital_fedlora_tools.base_model import BUILD_INFO, REQUIRED_FILES, build_base_model, is_complete_model
-from hospital_fedlora.site.dataset import SupervisedDataset, collate_batch
+from hospital_fedlora.site.dataset import tokenize_record
+from hospital_fedlora.site.trainer import collate_batch
 from hospital_fedlora_tools.synthetic_notes import generate_site_records
 
 # A build small enough for a test: seconds, not minutes.
@@ -106,8 +107,8 @@ def test_lora_has_something_to_learn(base_model_dir):
 
     tok = AutoTokenizer.from_pretrained(base_model_dir, local_files_only=True)
     records = generate_site_records("hospital-c", 120 + 24, seed=0)
-    train = SupervisedDataset(records[:120], tok, 256)
-    val = collate_batch(list(SupervisedDataset(records[120:], tok, 256)), tok.pad_token_id)
+    train = [tokenize_record(r, tok, 256) for r in records[:120]]
+    val = collate_batch([tokenize_record(r, tok, 256) for r in records[120:]], tok.pad_token_id)
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(base_model_dir, local_files_only=True)

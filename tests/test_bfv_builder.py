@@ -20,7 +20,7 @@ from hospital_fedlora.he.bfv_context import (
     MissingSecretKeyError,
     load_context_file,
 )
-from hospital_fedlora.he.lanes import PackingSettings, plan_lanes
+from hospital_fedlora.he.encoding import PackingSettings, plan_lanes
 from hospital_fedlora.he.packed_bfv import add_encrypted, decrypt_ints, encrypt_ints
 
 NVFLARE = shutil.which("nvflare", path=str(Path(sys.executable).parent)) or shutil.which("nvflare")

@@ -15,12 +15,15 @@ import tenseal as ts
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import make_model_learnable
-from nvflare.app_common.app_constant import AppConstants
 
 from deployment_helpers import REPO, SITES
-from hospital_fedlora_tools.demo import derive_job
-from hospital_fedlora.site.restore_adapter_shapes import RestoreAdapterShapes
+from flare_harness import Engine, fl_ctx, kit_workspace
+from hospital_fedlora.adapter_files import GLOBAL_ADAPTER_DIR, load_peft_adapter
+from hospital_fedlora.protocol import Meta
+from hospital_fedlora.server.adapter_persistor import ROUNDS_DIR
 from hospital_fedlora.server.stock_he_persistor import StockHEAdapterPersistor
+from hospital_fedlora.site.restore_adapter_shapes import RestoreAdapterShapes
+from hospital_fedlora_tools.demo import derive_job
 
 pytest_plugins = ["federation_fixtures"]
 
@@ -55,11 +58,17 @@ def test_flat_tensors_without_known_shapes_or_of_the_wrong_size_are_refused():
         f.process_dxo(DXO(DataKind.WEIGHTS, data={"w": [1.0, 2.0, 3.0]}), None, FLContext())
 
 
-def test_persistor_skips_an_encrypted_global_adapter():
-    fl_ctx = FLContext()
-    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 0)
+def test_persistor_skips_an_encrypted_global_adapter_and_saves_a_plaintext_one(tmp_path):
+    ctx = fl_ctx("server", 0, Engine(workspace=kit_workspace(tmp_path, "server")), "job")
+    run = tmp_path / "job"
+    persistor = StockHEAdapterPersistor()
     encrypted = make_model_learnable({"w": ts.ckks_vector(ckks_context(), [1.0, 2.0])}, {})
-    StockHEAdapterPersistor().save_model(encrypted, fl_ctx)  # no run folder needed: nothing is written
+    persistor.save_model(encrypted, ctx)
+    assert not run.exists() or not any(run.iterdir())
+    plain = make_model_learnable({"w": np.array([1.0, 2.0], np.float32)}, {Meta.ADAPTER_CONFIG: {"r": 8}})
+    persistor.save_model(plain, ctx)
+    assert sorted(p.name for p in run.iterdir()) == [ROUNDS_DIR, GLOBAL_ADAPTER_DIR]
+    np.testing.assert_array_equal(load_peft_adapter(run / GLOBAL_ADAPTER_DIR)[0]["w"], [1.0, 2.0])
 
 
 def submit(federation, tmp_path_factory, name: str) -> dict:

@@ -28,7 +28,7 @@ from hospital_fedlora.server.adapter_locator import AdapterLocator
 from hospital_fedlora.config import ConfigError
 from hospital_fedlora.he.decrypt_filter import DecryptFilter
 from hospital_fedlora.he.encrypt_filter import EncryptFilter
-from hospital_fedlora.he.encrypted_log import (
+from hospital_fedlora.he.wire_format import (
     LogError,
     first_round_needed,
 )
@@ -44,8 +44,9 @@ from hospital_fedlora.he.bfv_context import (
     serialize_context,
 )
 from hospital_fedlora.he.packed_bfv import decrypt_ints
-from hospital_fedlora.he.quantize import contribution_weight, quantize, step_size
-from hospital_fedlora.he.site_key import SiteEncryption
+from hospital_fedlora.he.encoding import contribution_weight, quantize, rounding_generator, step_size
+from hospital_fedlora.he.site_key import SiteEncryption, SiteKey
+from flare_harness import Engine, fl_ctx, kit_workspace, start_run
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 COUNTS = {"hospital-a": 240, "hospital-b": 160, "hospital-c": 120}
@@ -74,19 +75,8 @@ def key_files(tmp_path_factory):
     return files
 
 
-def site_ctx(site: str, rnd: int | None = None) -> FLContext:
-    ctx = FLContext()
-    ctx.set_prop(ReservedKey.IDENTITY_NAME, site, private=False, sticky=False)
-    if rnd is not None:
-        ctx.set_prop(AppConstants.CURRENT_ROUND, rnd, private=False, sticky=False)
-    return ctx
-
-
-def kit_workspace(root, name: str) -> Workspace:
-    """A participant's workspace as FLARE lays it out (startup/ and local/); no key file in it yet."""
-    for folder in ("startup", "local"):
-        (root / folder).mkdir(exist_ok=True)
-    return Workspace(str(root), name)
+def site_ctx(site: str, rnd: int | None = None, engine: Engine | None = None) -> FLContext:
+    return fl_ctx(site, rnd, engine)
 
 
 def server_ctx(rnd: int, global_model=None, workspace=None) -> FLContext:
@@ -104,12 +94,12 @@ def make_encryption(path, **overrides) -> SiteEncryption:
     return SiteEncryption(**{**args, **overrides})
 
 
-def make_filters(key_files, site="hospital-a"):
-    enc = make_encryption(key_files["client"])
-    enc.prepare(site_ctx(site))
+def make_filters(key_files, site="hospital-a", **overrides):
+    """The site's key component and both filters, started as FLARE starts a job; returns the key they hold."""
+    enc = make_encryption(key_files["client"], **overrides)
     encrypt, decrypt = EncryptFilter(), DecryptFilter()
-    encrypt.encryption = decrypt.encryption = enc
-    return enc, encrypt, decrypt
+    start_run([encrypt, decrypt, enc], site_ctx(site, engine=Engine({"site_encryption": enc})))
+    return encrypt.key, encrypt, decrypt
 
 
 def diff_for(site: str, rnd: int, shapes=SHAPES) -> dict[str, np.ndarray]:
@@ -136,10 +126,10 @@ def encrypted(encrypt: EncryptFilter, site: str, diff: dict, rnd: int, count: in
     return as_received(out, site, rnd)
 
 
-def expected_ints(enc: SiteEncryption, site: str, diff: dict, rnd: int) -> torch.Tensor:
+def expected_ints(key: SiteKey, site: str, diff: dict, rnd: int) -> torch.Tensor:
     tensors = {k: torch.from_numpy(v) for k, v in diff.items()}
     weight = contribution_weight(COUNTS[site], FULL_WEIGHT)
-    q = quantize(tensors, CLIP, 16, enc.rounding_generator(site, rnd), weight=weight)
+    q = quantize(tensors, CLIP, 16, rounding_generator(key.settings.rounding_seed, site, rnd), weight=weight)
     return AdapterLayout.from_tensors(tensors).flatten(q.ints).to(torch.int64)
 
 
@@ -200,11 +190,8 @@ def test_aggregate_decrypts_to_the_exact_sum_of_weighted_quantized_inputs(filter
 
 
 def test_int8_mode_sums_exactly_and_averages_within_its_bound(key_files):
-    enc = make_encryption(key_files["client"], packing={**PACKING, "bits": 8})
-    enc.prepare(site_ctx("hospital-a"))
+    enc, encrypt, decrypt = make_filters(key_files, packing={**PACKING, "bits": 8})
     assert (enc.plan.bits, enc.plan.lanes_per_slot) == (8, 5)
-    encrypt, decrypt = EncryptFilter(), DecryptFilter()
-    encrypt.encryption = decrypt.encryption = enc
     agg = EncryptedSumAggregator(min_contributions=3, context_file=str(key_files["server"]))
     agg.load_context(server_ctx(0))
     diffs = {s: diff_for(s, 0) for s in SITES}
@@ -216,7 +203,7 @@ def test_int8_mode_sums_exactly_and_averages_within_its_bound(key_files):
     want = 0
     for s in SITES:
         tensors = {k: torch.from_numpy(v) for k, v in diffs[s].items()}
-        q = quantize(tensors, CLIP, 8, enc.rounding_generator(s, 0), weight=contribution_weight(COUNTS[s], FULL_WEIGHT))
+        q = quantize(tensors, CLIP, 8, rounding_generator(enc.settings.rounding_seed, s, 0), weight=contribution_weight(COUNTS[s], FULL_WEIGHT))
         want = want + AdapterLayout.from_tensors(tensors).flatten(q.ints).to(torch.int64)
     assert torch.equal(got, want)
     log = EncryptedLogGenerator().shareable_to_learnable(summed, server_ctx(0, make_log_learnable([])))
@@ -268,7 +255,7 @@ def test_the_server_context_cannot_decrypt_or_encrypt(filters, aggregator, key_f
         decrypt_ints(aggregator.context, contribution.data[Data.CHUNKS], enc.plan, contribution.meta[Meta.N_VALUES], 1)
     server_as_site = make_encryption(key_files["server"])
     with pytest.raises(ValueError, match="holds no secret key"):
-        server_as_site.prepare(site_ctx("hospital-a"))
+        server_as_site.key(site_ctx("hospital-a"))
 
 
 def test_aggregator_refuses_a_context_with_a_secret_key(key_files):
@@ -360,15 +347,13 @@ def test_stale_ciphertext_under_a_current_cookie_is_rejected_by_its_tag(filters,
 # ------------------------------------------------------------------------------------ keys and settings
 def test_missing_key_file_in_the_kit_is_named(tmp_path, key_files):
     enc = make_encryption("")
-    ctx = site_ctx("hospital-a")  # its kit was provisioned without our builder
-    ctx.set_prop(FLContextKey.WORKSPACE_OBJECT, kit_workspace(tmp_path, "hospital-a"), private=True, sticky=False)
+    # its kit was provisioned without our builder
+    engine = Engine({"site_encryption": enc}, workspace=kit_workspace(tmp_path, "hospital-a"))
+    ctx = site_ctx("hospital-a", engine=engine)
     with pytest.raises(FileNotFoundError, match=rf"hospital-a: .*startup/{CLIENT_CONTEXT_FILE} not found.*BFVContextBuilder"):
-        enc.prepare(ctx)
-    from nvflare.apis.event_type import EventType
-
-    enc.handle_event(EventType.START_RUN, ctx)  # kept, and raised with every task
+        enc.key(ctx)
     encrypt = EncryptFilter()
-    encrypt.encryption = enc
+    start_run([enc, encrypt], ctx)  # the cause is kept, and raised with every task
     with pytest.raises(RuntimeError, match="encryption is not set up at this site: .*not found"):
         encrypt.process(train_result(diff_for("hospital-a", 0), 240, 0), ctx)
     agg = EncryptedSumAggregator(context_file=str(tmp_path / "nowhere.tenseal"))
@@ -380,10 +365,7 @@ def test_key_file_found_in_the_kit_startup_folder(tmp_path, key_files):
     workspace = kit_workspace(tmp_path, "hospital-a")
     (tmp_path / "startup" / CLIENT_CONTEXT_FILE).write_bytes(key_files["client"].read_bytes())
     enc = make_encryption("")
-    ctx = site_ctx("hospital-a")
-    ctx.set_prop(FLContextKey.WORKSPACE_OBJECT, workspace, private=True, sticky=False)
-    enc.prepare(ctx)
-    assert enc.context.has_secret_key
+    assert enc.key(site_ctx("hospital-a", engine=Engine(workspace=workspace))).context.has_secret_key
 
 
 def test_settings_are_checked_at_construction_and_against_the_key(key_files):
@@ -395,7 +377,7 @@ def test_settings_are_checked_at_construction_and_against_the_key(key_files):
         make_encryption(key_files["client"], full_weight=0)
     overflowing = make_encryption(key_files["client"], packing={"bits": 16, "max_sites": 64})
     with pytest.raises(ConfigError, match=r"args 'packing': .*max_sites=64"):
-        overflowing.prepare(site_ctx("hospital-a"))
+        overflowing.key(site_ctx("hospital-a"))
 
 
 # ------------------------------------------------------------------------------------ the log, catch-up

@@ -1,5 +1,6 @@
 """The committed jobs are what an operator submits as-is: they must parse, name importable and allowed
-classes, carry a valid recipe, and agree with each other on it."""
+classes, carry a valid recipe, and agree with each other on it. The recipe's defaults are the shipped
+recipe (``config.TrainingRecipe``), so a job carries only what it changes."""
 
 import importlib
 import json
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
-from hospital_fedlora.config import parse_recipe
+from hospital_fedlora.config import TrainingRecipe, parse_recipe
 from hospital_fedlora.deploy.kits import PACKAGE_ALLOW_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,3 +60,10 @@ def test_all_jobs_train_with_the_same_recipe():
     recipes = {job.name: recipe_of(job) for job in JOBS}
     first = next(iter(recipes.values()))
     assert all(r == first for r in recipes.values()), recipes
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_a_job_recipe_names_only_what_differs_from_the_shipped_recipe(job):
+    defaults = TrainingRecipe().model_dump(mode="json")
+    for key, value in recipe_of(job).items():
+        assert defaults.get(key) != value, f"{job.name}: recipe field {key!r} repeats the default"

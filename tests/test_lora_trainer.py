@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hospital_fedlora.site.adapter_state import get_adapter_state, set_adapter_state
+from hospital_fedlora.site.trainer import get_adapter_state, set_adapter_state
 from hospital_fedlora.config import DataFiles, LoraSettings
 from hospital_fedlora.site.dataset import load_records
 from hospital_fedlora.site.trainer import LocalTrainer

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from hospital_fedlora.site.adapter_state import get_adapter_state
+from hospital_fedlora.site.trainer import get_adapter_state
 from hospital_fedlora.config import ConfigError, LoraSettings
 from hospital_fedlora.site.model_loading import (
     apply_lora,

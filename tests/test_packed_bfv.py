@@ -19,8 +19,8 @@ from hospital_fedlora.he.bfv_context import (
 )
 from hospital_fedlora.he.wire_format import CiphertextError, read_chunk_info
 from hospital_fedlora.he.packed_bfv import EncryptedSum, add_encrypted, decrypt_ints, encrypt_ints
-from hospital_fedlora.he.lanes import PackingSettings, pack_lanes, plan_lanes, unpack_lanes
-from hospital_fedlora.he.quantize import contribution_weight, dequantize, quantize, step_size
+from hospital_fedlora.he.encoding import PackingSettings, pack_lanes, plan_lanes, unpack_lanes
+from hospital_fedlora.he.encoding import contribution_weight, dequantize, quantize, step_size
 
 INT16 = PackingSettings(bits=16, max_sites=8, ciphertexts_per_chunk=4)
 INT8 = PackingSettings(bits=8, max_sites=8, ciphertexts_per_chunk=4)

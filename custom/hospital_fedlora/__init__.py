@@ -1,7 +1,8 @@
 """Federated LoRA fine-tuning of Llama-family models across hospitals, on NVIDIA FLARE.
 
-Every FLARE component the server and the sites import lives in this package; job configs name them by
-import path (``hospital_fedlora.lora_executor.LoraExecutor``, ...).
+Every FLARE component the server and the hospitals import; job configs name them by import path. The
+folders say who runs what: ``site/`` at a hospital, ``server/`` at the server, ``he/`` the encrypted
+path on both sides, ``deploy/`` at provisioning. ``protocol`` names what travels between them.
 """
 
 __version__ = "0.1.0"

@@ -1,8 +1,8 @@
 """Every name that travels between a hospital and the server, defined once and imported by both sides.
 
 DXO data kinds, metadata keys, metric keys, the round tag on ciphertexts and the error header of a failed
-task. What each key holds and who may read it is in ``docs/architecture.md`` (the message table).
-Plain strings, no FLARE imports, so the numeric core can use them too.
+task. What each key holds and who may read it is in ``docs/architecture.md`` (the message table). Names
+only, no code and no imports, so every module can use them.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class Data:
     """Keys inside a DXO's data for the encrypted kinds."""
 
     CHUNKS = "chunks"  # list of serialized ciphertext chunks (``he.wire_format``)
-    ENTRIES = "entries"  # list of encrypted log entries (``he.encrypted_log.LogEntry.to_dict``)
+    ENTRIES = "entries"  # list of encrypted log entries (``he.wire_format.LogEntry.to_dict``)
 
 
 class Metric:
@@ -75,7 +75,5 @@ class Metric:
 # A site that cannot do a task says why in this header of its error reply, so the server's log names the cause.
 ERROR_HEADER = "hospital_fedlora_error"
 
-
-def round_tag(rnd: int) -> str:
-    """The tag every ciphertext of round ``rnd`` carries in its chunk headers (checked at both ends)."""
-    return f"round {int(rnd)}"
+# The tag every ciphertext of a round carries in its chunk headers, checked at both ends: ROUND_TAG.format(round=r)
+ROUND_TAG = "round {round}"

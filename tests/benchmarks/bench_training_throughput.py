@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-import hospital_fedlora.site.adapter_state as ad
-from hospital_fedlora.site.dataset import collate_batch, load_records, tokenize_record
+import hospital_fedlora.site.trainer as ad
 from hospital_fedlora.config import load_site_config, parse_recipe
-from hospital_fedlora.site.trainer import LocalTrainer
+from hospital_fedlora.site.dataset import load_records, tokenize_record
+from hospital_fedlora.site.trainer import LocalTrainer, collate_batch
 from hospital_fedlora.site.model_loading import choose_placement, load_base_model, lora_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -20,7 +20,7 @@ from ..he.bfv_context import (
     make_context,
     serialize_context,
 )
-from ..he.lanes import PackingSettings, plan_lanes
+from ..he.encoding import PackingSettings, plan_lanes
 
 
 STATE_FILE = "bfv_context.tenseal"

@@ -1,27 +1,11 @@
-"""Provision the consortium and make every startup kit ready to run.
+"""Provision the consortium and make every startup kit ready to run (``make kits``; ``docs/admin.md``).
 
-``nvflare provision`` writes signed kits whose ``local/`` folder holds only ``*.default`` templates. FLARE
-reads ``local/resources.json`` in preference to the default and picks up ``local/comm_config.json``, so
-this module adds, per kit:
-
-* ``resources.json``: the default, with the server's job and snapshot storage moved from ``/tmp/nvflare``
-  into the kit (``<kit>/storage/``), and our package allowed by FLARE's component allow-list (FLARE 2.9
-  refuses to build any job component whose class is not listed there).
-* ``comm_config.json``: streaming and timeout settings sized for multi-GB messages.
-* ``site_config.yaml`` (hospital kits): the hospital's ``site_configs/<site>.yaml``, validated, with its
-  paths made absolute so the executor finds data and model wherever the job runs.
-
-Nothing in ``startup/`` is touched: FLARE verifies that folder's signatures at every start and refuses a
-kit whose startup files changed. ``local/`` is, by FLARE's design, the site's own place for such settings
-(its ``signature.json`` covers only the ``*.default`` templates, which stay as provisioned).
-
-Command line (``make kits``)::
+Per kit, in ``local/`` (never ``startup/``, whose signatures FLARE checks at every start): a
+``resources.json`` that keeps job storage inside the kit and allows our package, a ``comm_config.json``
+for multi-GB messages and, in hospital kits, the validated site config with absolute paths.
 
     python -m hospital_fedlora.deploy.kits --project provisioning/project.yml --workspace workspace/kits \\
         --site-configs site_configs
-
-and, at a site, for one kit unpacked on its own machine (paths become that machine's)::
-
     python -m hospital_fedlora.deploy.kits --kit <kit folder> --site-config <the hospital's site config>
 """
 

@@ -45,34 +45,33 @@ class BFVParams(StrictModel):
 
 @dataclass(frozen=True)
 class BFVContext:
+    """A TenSEAL BFV context with the facts the packing and the checks need, read once when it is loaded."""
+
     ts_context: ts.Context
     key_id: str  # names the key material of one provisioning; public
+    scheme: str
+    poly_modulus_degree: int
+    plain_modulus: int
+    data_modulus_bits: int
+    has_secret_key: bool
+    max_sum_bits: int  # log2 of how many fresh ciphertexts can be added before noise could corrupt the sum
 
-    @property
-    def _data(self) -> Any:
-        return self.ts_context.seal_context().data.first_context_data()
-
-    @property
-    def poly_modulus_degree(self) -> int:
-        return int(self._data.parms().poly_modulus_degree())
-
-    @property
-    def plain_modulus(self) -> int:
-        # SEAL exposes (t + 1) / 2 but not t itself through TenSEAL's bindings.
-        return 2 * int(self._data.plain_upper_half_threshold()) - 1
-
-    @property
-    def data_modulus_bits(self) -> int:
-        return int(self._data.total_coeff_modulus_bit_count())
-
-    @property
-    def has_secret_key(self) -> bool:
-        return bool(self.ts_context.has_secret_key())
-
-    @property
-    def max_sum_bits(self) -> int:
-        """log2 of how many fresh ciphertexts can be added before noise could corrupt the sum (may be < 0)."""
-        return self.data_modulus_bits - self.plain_modulus.bit_length() - NOISE_RESERVE_BITS
+    @classmethod
+    def of(cls, ts_context: ts.Context, key_id: str) -> "BFVContext":
+        data: Any = ts_context.seal_context().data.first_context_data()
+        parms = data.parms()
+        plain_modulus = 2 * int(data.plain_upper_half_threshold()) - 1  # SEAL exposes (t + 1) / 2, not t
+        data_modulus_bits = int(data.total_coeff_modulus_bit_count())
+        return cls(
+            ts_context=ts_context,
+            key_id=key_id,
+            scheme="BFV" if "BFV" in str(parms.scheme()) else "CKKS",
+            poly_modulus_degree=int(parms.poly_modulus_degree()),
+            plain_modulus=plain_modulus,
+            data_modulus_bits=data_modulus_bits,
+            has_secret_key=bool(ts_context.has_secret_key()),
+            max_sum_bits=data_modulus_bits - plain_modulus.bit_length() - NOISE_RESERVE_BITS,
+        )
 
 
 def batching_prime(bits: int, poly_modulus_degree: int) -> int:
@@ -125,7 +124,7 @@ def make_context(params: BFVParams, n_threads: int | None = None) -> BFVContext:
         encryption_type=ts.ENCRYPTION_TYPE.SYMMETRIC,
         n_threads=n_threads,
     )
-    return BFVContext(ctx, key_id=secrets.token_hex(8))
+    return BFVContext.of(ctx, key_id=secrets.token_hex(8))
 
 
 def serialize_context(context: BFVContext, secret: bool) -> bytes:
@@ -161,9 +160,9 @@ def load_context(data: bytes, source: str = "BFV context", n_threads: int | None
         ctx = ts.context_from(payload, n_threads=n_threads)
     except Exception as err:  # TenSEAL raises bare ValueError/RuntimeError for any parse problem
         raise ValueError(f"{source}: TenSEAL cannot parse the context ({err}); the file is damaged, re-provision") from None
-    context = BFVContext(ctx, key_id=str(header.get("key_id", "")))
+    context = BFVContext.of(ctx, key_id=str(header.get("key_id", "")))
     facts = {
-        "scheme": "BFV" if "BFV" in str(context._data.parms().scheme()) else "CKKS",
+        "scheme": context.scheme,
         "poly_modulus_degree": context.poly_modulus_degree,
         "plain_modulus": context.plain_modulus,
         "secret_key": context.has_secret_key,

@@ -12,11 +12,11 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from ..adapter_layout import AdapterLayout
-from ..protocol import INITIAL_ADAPTER, Data, EncryptedKind, Meta, round_tag
-from .encrypted_log import LogEntry, LogError
+from ..protocol import INITIAL_ADAPTER, ROUND_TAG, Data, EncryptedKind, Meta
 from .packed_bfv import decrypt_ints
-from .quantize import contribution_weight, dequantize
-from .site_key import SiteEncryption, find_site_encryption
+from .wire_format import LogEntry, LogError
+from .encoding import contribution_weight, dequantize
+from .site_key import SiteKey, load_site_key
 
 
 class DecryptFilter(DXOFilter):
@@ -37,7 +37,8 @@ class DecryptFilter(DXOFilter):
     def __init__(self, encryption_id: str = "site_encryption"):
         super().__init__(supported_data_kinds=[EncryptedKind.LOG], data_kinds_to_filter=[EncryptedKind.LOG])
         self.encryption_id = encryption_id
-        self.encryption: SiteEncryption | None = None
+        self.key: SiteKey | None = None
+        self.setup_error = "the job has not started"
         self.reset()
 
     def reset(self) -> None:
@@ -48,12 +49,14 @@ class DecryptFilter(DXOFilter):
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type in (EventType.START_RUN, EventType.END_RUN):
             self.reset()
+        if event_type == EventType.START_RUN:
+            self.key, self.setup_error = load_site_key(fl_ctx, self.encryption_id)
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         site = fl_ctx.get_identity_name() or "this site"
-        if self.encryption is None:
-            self.encryption = find_site_encryption(fl_ctx, self.encryption_id)
-        enc = self.encryption.ready(fl_ctx)
+        key = self.key
+        if key is None:
+            raise RuntimeError(f"encryption is not set up at this site: {self.setup_error}")
         raw = dxo.data.get(Data.ENTRIES)
         if not isinstance(raw, list):
             raise LogError(f"{site}: the server's log message has no list of '{Data.ENTRIES}'")
@@ -73,7 +76,7 @@ class DecryptFilter(DXOFilter):
                 f"{_span(rounds)}, so rounds {lacking or [new[0].round]} are missing or out of order. The global "
                 "adapter is the sum of every round: the server must send the log from the first round this site lacks"
             )
-        change, layout = self._add(new, enc, site, fl_ctx)
+        change, layout = self._add(new, key, site)
         self.change, self.layout = change, layout
         self.applied += [e.round for e in new]
         if new:
@@ -86,11 +89,11 @@ class DecryptFilter(DXOFilter):
         meta = {Meta.RELATIVE_TO: INITIAL_ADAPTER, Meta.APPLIED_ROUNDS: list(self.applied)}
         return DXO(DataKind.WEIGHT_DIFF, data=data, meta=meta)
 
-    def _add(self, entries: list[LogEntry], enc: SiteEncryption, site: str, fl_ctx: FLContext):
+    def _add(self, entries: list[LogEntry], key: SiteKey, site: str):
         """The cumulative change with ``entries`` added; nothing is kept if any of them fails."""
         change = {k: v.clone() for k, v in self.change.items()}
         layout = self.layout
-        s, plan = enc.settings, enc.plan
+        s, plan = key.settings, key.plan
         for e in entries:
             source = f"{site}: round {e.round} aggregate"
             this = AdapterLayout.from_manifest(list(e.layout), source=source)
@@ -100,7 +103,7 @@ class DecryptFilter(DXOFilter):
                 )
             layout = this
             self._check_weights(e, s.full_weight, source)
-            sums = decrypt_ints(enc.context, list(e.chunks), plan, e.n_values, e.n_sites, round_tag(e.round), source)
+            sums = decrypt_ints(key.context, list(e.chunks), plan, e.n_values, e.n_sites, ROUND_TAG.format(round=e.round), source)
             average = dequantize(layout.unflatten(sums, source=source), s.clip, plan.bits, e.total_weight)
             for k, v in average.items():
                 change[k] = change[k] + v.double() if k in change else v.double()

@@ -13,10 +13,10 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.app_constant import AppConstants
 
 from ..adapter_layout import AdapterLayout
-from ..protocol import Data, EncryptedKind, Meta, round_tag
+from ..protocol import ROUND_TAG, Data, EncryptedKind, Meta
 from .packed_bfv import encrypt_ints
-from .quantize import contribution_weight, quantize
-from .site_key import SiteEncryption, find_site_encryption
+from .encoding import contribution_weight, quantize, rounding_generator
+from .site_key import SiteKey, load_site_key
 
 # Executor metadata the server may see; everything else the executor attached stays at the site.
 PASSED_THROUGH_META = (Meta.METRICS, Meta.ADAPTER_CONFIG)
@@ -38,21 +38,24 @@ class EncryptFilter(DXOFilter):
     def __init__(self, encryption_id: str = "site_encryption"):
         super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF], data_kinds_to_filter=[DataKind.WEIGHT_DIFF])
         self.encryption_id = encryption_id
-        self.encryption: SiteEncryption | None = None
+        self.key: SiteKey | None = None
+        self.setup_error = "the job has not started"
         self._task_round: int | None = None
         self.clipped = 0  # values clipped in the last result; logged here, never sent (it hints at magnitudes)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
-        if event_type == EventType.BEFORE_TASK_EXECUTION:
+        if event_type == EventType.START_RUN:
+            self.key, self.setup_error = load_site_key(fl_ctx, self.encryption_id)
+        elif event_type == EventType.BEFORE_TASK_EXECUTION:
             # The result carries no round; the task it answers does (the ciphertexts are tagged with it).
             task = fl_ctx.get_prop(FLContextKey.TASK_DATA)
             self._task_round = task.get_header(AppConstants.CURRENT_ROUND) if isinstance(task, Shareable) else None
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         site = fl_ctx.get_identity_name() or "this site"
-        if self.encryption is None:
-            self.encryption = find_site_encryption(fl_ctx, self.encryption_id)
-        enc = self.encryption.ready(fl_ctx)
+        key = self.key
+        if key is None:
+            raise RuntimeError(f"encryption is not set up at this site: {self.setup_error}")
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, self._task_round)
         if not isinstance(rnd, int):
             raise ValueError(f"{site}: cannot tell which round this result is for (no {AppConstants.CURRENT_ROUND})")
@@ -62,7 +65,7 @@ class EncryptFilter(DXOFilter):
                 f"{site}: the result's example count (meta '{Meta.EXAMPLE_COUNT}') must be a "
                 f"non-negative integer, got {count!r}"
             )
-        s = enc.settings
+        s = key.settings
         weight = contribution_weight(count, s.full_weight)
         if count > s.full_weight:
             self.log_warning(
@@ -72,9 +75,9 @@ class EncryptFilter(DXOFilter):
             )
         tensors = {k: _as_tensor(v) for k, v in dxo.data.items()}
         layout = AdapterLayout.from_tensors(tensors)
-        plan = enc.plan
-        q = quantize(tensors, s.clip, plan.bits, enc.rounding_generator(site, rnd), weight=weight)
-        chunks = encrypt_ints(enc.context, layout.flatten(q.ints), plan, tag=round_tag(rnd))
+        plan = key.plan
+        q = quantize(tensors, s.clip, plan.bits, rounding_generator(s.rounding_seed, site, rnd), weight=weight)
+        chunks = encrypt_ints(key.context, layout.flatten(q.ints), plan, tag=ROUND_TAG.format(round=rnd))
         self.clipped = q.n_clipped
         meta = {
             Meta.EXAMPLE_COUNT: count,

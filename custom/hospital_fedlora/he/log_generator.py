@@ -10,7 +10,7 @@ from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
 from nvflare.app_common.app_constant import AppConstants
 
 from ..protocol import Data, EncryptedKind, Meta
-from .encrypted_log import LogEntry, LogError, chunks_digest, first_round_needed
+from .wire_format import LogEntry, LogError, chunks_digest, first_round_needed
 
 
 def log_entries(model: ModelLearnable | None) -> list[dict]:

@@ -12,7 +12,7 @@ from nvflare.app_common.abstract.model import ModelLearnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
 from ..protocol import Meta
-from .encrypted_log import LogEntry, LogError, frame_chunks, unframe_chunks
+from .wire_format import LogEntry, LogError, frame_chunks, unframe_chunks
 from .log_generator import log_entries, make_log_learnable
 
 LOG_DIR = "encrypted_log"

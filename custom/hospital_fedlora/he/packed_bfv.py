@@ -13,7 +13,7 @@ import tenseal as ts
 import torch
 
 from .bfv_context import CLIENT_CONTEXT_FILE, BFVContext, MissingSecretKeyError
-from .lanes import LanePlan, pack_lanes, unpack_lanes
+from .encoding import LanePlan, pack_lanes, unpack_lanes
 from .wire_format import (
     CHUNK_MAGIC,
     ChunkInfo,
@@ -125,7 +125,7 @@ def decrypt_ints(
     expected_tag: str | None = None,
     source: str = "encrypted aggregate",
 ) -> torch.Tensor:
-    """``sum_i q_i`` as int64 from (summed) chunks; ``quantize.dequantize`` turns it into the average."""
+    """``sum_i q_i`` as int64 from (summed) chunks; ``encoding.dequantize`` turns it into the average."""
     if not context.has_secret_key:
         raise MissingSecretKeyError(
             f"{source}: this BFV context holds no secret key, so it cannot decrypt (the server's kit never "

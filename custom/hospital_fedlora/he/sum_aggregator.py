@@ -10,11 +10,11 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 
 from ..adapter_layout import AdapterLayout
-from ..protocol import Data, EncryptedKind, Meta, round_tag
+from ..protocol import ROUND_TAG, Data, EncryptedKind, Meta
 from ..server.contribution_aggregator import ContributionAggregator
 from .bfv_context import SERVER_CONTEXT_FILE, BFVContext
 from .kit_context import load_kit_context
-from .lanes import most_summable
+from .encoding import most_summable
 from .packed_bfv import EncryptedSum
 from .wire_format import read_chunk_info
 
@@ -100,7 +100,7 @@ class EncryptedSumAggregator(ContributionAggregator):
             return f"a sum of more than {most} contributions could overflow the int{info.bits} lanes of {info.lane_bits} bits"
         if self._sum is None:
             current = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-            self._sum = EncryptedSum(self.context, expected_tag=round_tag(current) if current is not None else None)
+            self._sum = EncryptedSum(self.context, expected_tag=ROUND_TAG.format(round=current) if current is not None else None)
         self._sum.add(chunks, site)  # a CiphertextError names the site; the sum is untouched then
         self._factors[site] = float(factor)
         self._layout = layout

@@ -12,9 +12,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Iterable, Iterator
-
-import torch
+from typing import Iterator
 
 from ..config import ConfigError, DataFiles
 
@@ -196,43 +194,3 @@ def tokenize_record(record: dict, tokenizer, max_seq_length: int) -> dict[str, l
 
     prompt = bos + header + note + marker
     return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
-
-
-# ---------------------------------------------------------------------------------------------- batching
-class SupervisedDataset(torch.utils.data.Dataset):
-    """Records tokenized once, up front (they are small; a site's data fits in memory many times over)."""
-
-    def __init__(self, records: Iterable[dict], tokenizer, max_seq_length: int):
-        self.examples = [tokenize_record(r, tokenizer, max_seq_length) for r in records]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, list[int]]:
-        return self.examples[index]
-
-
-def collate_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding has attention 0 and label -100."""
-    if not examples:
-        raise ValueError("cannot collate an empty batch")
-    width = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[row, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
-        attention[row, :n] = 1
-        labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-padding input tokens in a collated batch (what throughput figures count)."""
-    return int(batch["attention_mask"].sum())
-
-
-def response_token_count(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens the loss is taken on (response and ``</s>``)."""
-    return int((batch["labels"] != IGNORE_INDEX).sum())

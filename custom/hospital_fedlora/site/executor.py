@@ -21,11 +21,17 @@ from ..adapter_files import GLOBAL_ADAPTER_DIR, save_peft_adapter
 from ..adapter_layout import AdapterLayout
 from ..config import ConfigError, SiteConfig, load_site_config, parse_recipe
 from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, Meta, Metric
-from . import adapter_state as ad
 from .dataset import load_records
 from .model_loading import apply_lora, choose_placement, load_base_model
 from .privacy_gate import check_job_allowed
-from .trainer import LocalTrainer, StepReport
+from .trainer import (
+    LocalTrainer,
+    StepReport,
+    adapter_config_dict,
+    get_adapter_state,
+    set_adapter_state,
+    subtract,
+)
 
 SITE_CONFIG_FILE = "site_config.yaml"
 SITE_CONFIGS_ENV = "HOSPITAL_FEDLORA_SITE_CONFIGS"
@@ -122,8 +128,8 @@ class LoraExecutor(Executor):
         placement = choose_placement(site.device, site.dtype, site.load_in_4bit, source)
         model, tokenizer = load_base_model(site.base_model_path, placement, source)
         model = apply_lora(model, self.recipe.lora, self.recipe.seed)
-        self.adapter_config = ad.adapter_config_dict(model)
-        self.initial_state = ad.get_adapter_state(model)
+        self.adapter_config = adapter_config_dict(model)
+        self.initial_state = get_adapter_state(model)
         r = self.recipe
         self.trainer = LocalTrainer(
             model,
@@ -182,12 +188,12 @@ class LoraExecutor(Executor):
                 f"expected the global adapter as {DataKind.WEIGHTS} or as a {DataKind.WEIGHT_DIFF} relative to the "
                 f"initial adapter, got {dxo.data_kind}"
             )
-        ad.set_adapter_state(self.trainer.model, state, source=source)
-        return ad.get_adapter_state(self.trainer.model)
+        set_adapter_state(self.trainer.model, state, source=source)
+        return get_adapter_state(self.trainer.model)
 
     def _current_adapter(self) -> Shareable:
         meta = {Meta.ADAPTER_CONFIG: self.adapter_config}
-        return DXO(DataKind.WEIGHTS, data=ad.get_adapter_state(self.trainer.model), meta=meta).to_shareable()
+        return DXO(DataKind.WEIGHTS, data=get_adapter_state(self.trainer.model), meta=meta).to_shareable()
 
     def _get_weights(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         # Before any training this is the seeded initial adapter: the same at every site, no patient data in it.
@@ -225,7 +231,7 @@ class LoraExecutor(Executor):
             f"{self.site.site} round {rnd + 1}/{total} done: train loss {result.mean_loss:.4f}, validation loss "
             f"{val_global:.4f} -> {val_local:.4f}",
         )
-        diff = ad.subtract(ad.get_adapter_state(t.model), global_state)
+        diff = subtract(get_adapter_state(t.model), global_state)
         # The rest of a round's wall time is FLARE's (messaging, filters, aggregation, persistence).
         metrics[Metric.TASK_SECONDS] = time.perf_counter() - started
         meta = {

@@ -1,21 +1,70 @@
-"""Local LoRA training and evaluation on one site's data: plain torch, no FLARE.
+"""Local LoRA training and evaluation on one site's data, and the adapter as plain arrays: no FLARE.
 
 The executor owns one ``LocalTrainer`` per job. Batches are drawn from a seeded permutation that carries
-across rounds, so each round sees new examples rather than the first ``local_steps`` batches again.
+across rounds, so each round sees new examples rather than the first ``local_steps`` batches again. The
+adapter's tensors use PEFT's own state-dict keys, so they are exactly what a PEFT adapter folder holds.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from .dataset import collate_batch, tokenize_record
+from ..adapter_files import AdapterState
+from ..adapter_layout import AdapterLayout
+from .dataset import IGNORE_INDEX, tokenize_record
+
+
+# ------------------------------------------------------------------------------------------ the adapter
+def get_adapter_state(model: PeftModel) -> AdapterState:
+    return {k: v.detach().float().cpu().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def set_adapter_state(model: PeftModel, state: Mapping[str, np.ndarray], source: str = "global adapter") -> None:
+    """Load ``state`` into ``model``'s adapter, refusing anything that does not match it exactly."""
+    AdapterLayout.from_tensors(get_adapter_state(model)).check(state, source)
+    tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
+    set_peft_model_state_dict(model, tensors)
+
+
+def subtract(new: Mapping[str, np.ndarray], old: Mapping[str, np.ndarray]) -> AdapterState:
+    return {k: (new[k] - old[k]).astype(np.float32) for k in new}
+
+
+def adapter_config_dict(model: PeftModel) -> dict:
+    cfg = model.peft_config["default"].to_dict()
+    # The base model's path is site-local; the adapter works with any copy of the same checkpoint.
+    cfg["base_model_name_or_path"] = None
+    # peft keeps target_modules as a set; sorted, so every site sends byte-identical configs.
+    return json.loads(json.dumps(cfg, default=sorted))
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def collate_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding has attention 0 and label -100."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        input_ids[row, :n] = torch.tensor(e["input_ids"], dtype=torch.long)
+        attention[row, :n] = 1
+        labels[row, :n] = torch.tensor(e["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------------------- training
 
 
 @dataclass(frozen=True)
@@ -86,8 +135,8 @@ class LocalTrainer:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         logits = logits[:, :-1].float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="sum")
-        return loss, int((labels != -100).sum())
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss, int((labels != IGNORE_INDEX).sum())
 
     def train(self, steps: int, progress: Callable[[StepReport], None] | None = None) -> TrainResult:
         self.model.train()
@@ -100,7 +149,7 @@ class LocalTrainer:
         for step in range(1, steps + 1):
             micro = self._micro_batches(self._next_indices(self.batch_size))
             # Weight micro-batches by their response tokens so accumulation equals one big batch exactly.
-            n_targets = sum(int((m["labels"][:, 1:] != -100).sum()) for m in micro)
+            n_targets = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
             step_loss = 0.0
             for m in micro:
                 loss_sum, _ = self._summed_loss(m)
