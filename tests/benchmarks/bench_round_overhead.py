@@ -14,6 +14,7 @@ import tempfile
 from datetime import datetime
 from pathlib import Path
 
+from hospital_fedlora.protocol import Meta, Metric
 from hospital_fedlora_tools.demo import derive_job, run_simulator
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,10 +40,10 @@ def round_overheads(log_text: str, round_metrics: Path) -> list[dict]:
     rows = []
     for line in round_metrics.read_text().splitlines():
         rec = json.loads(line)
-        slowest = max(m["task_seconds"] for m in rec["site_metrics"].values())
-        slowest_train = max(m["train_seconds"] for m in rec["site_metrics"].values())
-        wall = walls[rec["round"]]
-        rows.append({"round": rec["round"], "wall_s": round(wall, 3), "slowest_site_task_s": round(slowest, 3),
+        slowest = max(m[Metric.TASK_SECONDS] for m in rec[Meta.SITE_METRICS].values())
+        slowest_train = max(m[Metric.TRAIN_SECONDS] for m in rec[Meta.SITE_METRICS].values())
+        wall = walls[rec[Meta.ROUND]]
+        rows.append({"round": rec[Meta.ROUND], "wall_s": round(wall, 3), "slowest_site_task_s": round(slowest, 3),
                      "slowest_site_train_s": round(slowest_train, 3), "overhead_s": round(wall - slowest, 3)})
     return rows
 
@@ -51,6 +52,8 @@ def summarize(rows: list[dict]) -> dict:
     return {
         "rounds": rows,
         "median_overhead_s": round(statistics.median(r["overhead_s"] for r in rows), 3),
+        "min_overhead_s": min(r["overhead_s"] for r in rows),
+        "max_overhead_s": max(r["overhead_s"] for r in rows),
         "median_wall_s": round(statistics.median(r["wall_s"] for r in rows), 3),
     }
 

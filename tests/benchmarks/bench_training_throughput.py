@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -83,10 +84,15 @@ def main(argv=None) -> int:
                                   site.micro_batch_size, recipe.learning_rate, rep)
         plain_runs.append(tokens / secs)
 
+    ratios = [e / q for e, q in zip(exec_runs, plain_runs)]  # each repeat measures both, one after the other
     result = {
-        "executor_tokens_per_s": round(max(exec_runs), 1),
-        "plain_loop_tokens_per_s": round(max(plain_runs), 1),
-        "ratio": round(max(exec_runs) / max(plain_runs), 3),
+        "executor_tokens_per_s": round(statistics.median(exec_runs), 1),
+        "plain_loop_tokens_per_s": round(statistics.median(plain_runs), 1),
+        "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_min": round(min(ratios), 3),
+        "ratio_max": round(max(ratios), 3),
+        # the two sides' ranges over the repeats overlap: the difference is inside run-to-run noise
+        "within_run_to_run_spread": min(exec_runs) <= max(plain_runs) and min(plain_runs) <= max(exec_runs),
         "steps": args.steps,
         "repeats": args.repeats,
         "batch_size": recipe.batch_size,
