@@ -148,8 +148,77 @@ def main(argv=None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "deployment.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(args.out / "deployment.md", report)
     print(json.dumps(report, indent=2))
     return 0
+
+
+def write_markdown(path: Path, r: dict) -> None:
+    dep, sim = r["deployed"], r["simulator"]
+    rows = "\n".join(
+        f"| {a['round'] + 1} | {a['wall_s']:.2f} | {a['overhead_s']:.2f} | {b['wall_s']:.2f} | {b['overhead_s']:.2f} |"
+        for a, b in zip(dep["rounds"], sim["rounds"])
+    )
+    overlap = dep["min_overhead_s"] <= sim["max_overhead_s"] and sim["min_overhead_s"] <= dep["max_overhead_s"]
+    verdict = "inside the run-to-run spread of either side" if overlap else "outside the run-to-run spread"
+    peak = r["peak_rss_mb_during_job"]
+    clients = r["idle_rss_mb"]["client"]
+    text = f"""# The real deployment path: start-up, memory, round overhead
+
+Written by `tests/benchmarks/bench_deployment.py` with [`deployment.json`](deployment.json). One run on
+one machine ({r['cpu_count']} cores), in this order:
+
+1. `python -m hospital_fedlora.deploy.kits` (what `make kits` runs) into a temporary workspace, on a free port;
+2. the server and three hospitals started from their kits with their own `startup/start.sh`
+   (`LocalFederation`), as separate processes on 127.0.0.1 with mutual TLS;
+3. {r['job']}, submitted as `admin@consortium.org` through the FLARE API, followed to
+   `FINISHED:COMPLETED`, downloaded;
+4. the same job in the FLARE simulator (`nvflare simulator`, 3 sites, 3 threads).
+
+## From `make kits` to the first round
+
+| step | seconds |
+|---|---|
+| provision + prepare every kit (`nvflare provision`, `local/` files, site configs) | {r['kits_s']:.1f} |
+| start server and hospitals until the server lists all three as connected | {r['kits_to_all_connected_s'] - r['kits_s']:.1f} |
+| submit until the server logs `Round 0 started` | {r['submit_to_first_round_s']:.1f} |
+| **`make kits` to the first round starting** | **{r['kits_to_first_round_s']:.1f}** |
+
+Most of the start-up is FLARE's own: `sub_start.sh` waits 5 s before it first launches the FLARE process,
+and the clients then register. From submission to the first round the job is deployed to every site, each
+site starts its job process, loads the base model and answers the initial `get_weights` task.
+
+## Memory (RSS)
+
+| process | idle (all connected, no job) | peak during the job |
+|---|---|---|
+| server (`server_train`) | {max(r['idle_rss_mb']['server']):.0f} MB | {peak.get('server', 0):.0f} MB |
+| each hospital (`client_train`) | {min(clients):.0f}-{max(clients):.0f} MB | {peak.get('client', 0):.0f} MB |
+| the server's job process (`runner_process`) | - | {peak.get('server_job', 0):.0f} MB |
+| a hospital's job process (`worker_process`: base model, LoRA, optimizer) | - | {peak.get('client_job', 0):.0f} MB |
+
+## Round overhead: deployed vs simulator, same job, same run
+
+Overhead = round wall time (server's `Round N started` -> `Round N finished`) minus the slowest site's whole
+train task, as defined in `bench_round_overhead.py`: messaging, (de)serialisation, aggregation,
+persistence.
+
+| round | deployed wall s | deployed overhead s | simulator wall s | simulator overhead s |
+|---|---|---|---|---|
+{rows}
+| median | {dep['median_wall_s']:.2f} | **{dep['median_overhead_s']:.2f}** | {sim['median_wall_s']:.2f} | **{sim['median_overhead_s']:.2f}** |
+
+The difference of the medians, {r['median_overhead_deployed_minus_simulator_s']:+.2f} s per round, is {verdict}
+(deployed {dep['min_overhead_s']:.2f}-{dep['max_overhead_s']:.2f} s, simulator
+{sim['min_overhead_s']:.2f}-{sim['max_overhead_s']:.2f} s). Both jobs set the server's
+`task_request_interval` to 0.5 s, so sites poll for the next task every half second instead of FLARE's
+default 2 s.
+
+Provisioned kits get `local/comm_config.json` with FLARE's streaming settings sized for multi-GB payloads
+(see `hospital_fedlora.deploy.kits.COMM_CONFIG`); the adapter in this benchmark is small, so they are not
+exercised here. The encrypted adapter's sizes are in [`he_aggregation.md`](he_aggregation.md).
+"""
+    path.write_text(text)
 
 
 if __name__ == "__main__":
