@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from deployment_helpers import REPO, free_port, provision_into, write_site_configs
 from hospital_fedlora_tools.local_federation import LocalFederation
+
+from deployment_helpers import REPO, free_port, provision_into, write_site_configs
 
 ADMIN = "admin@consortium.org"
 

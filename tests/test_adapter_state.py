@@ -17,14 +17,14 @@ from hospital_fedlora.adapter_files import (
     load_peft_adapter,
     save_peft_adapter,
 )
+from hospital_fedlora.config import LoraSettings
+from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
 from hospital_fedlora.site.trainer import (
     adapter_config_dict,
     get_adapter_state,
     set_adapter_state,
     subtract,
 )
-from hospital_fedlora.config import LoraSettings
-from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
 
 CPU = choose_placement("cpu", "auto", False)
 SETTINGS = LoraSettings(r=4, dropout=0.0, target_modules=("q_proj", "v_proj"))

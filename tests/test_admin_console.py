@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
 from hospital_fedlora_tools.local_federation import LocalFederation
+
+from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
 
 pytest_plugins = ["federation_fixtures"]
 

@@ -16,14 +16,15 @@ from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import make_model_learnable
 
-from deployment_helpers import REPO, SITES
-from flare_harness import Engine, fl_ctx, kit_workspace
 from hospital_fedlora.adapter_files import GLOBAL_ADAPTER_DIR, load_peft_adapter
 from hospital_fedlora.protocol import Meta
 from hospital_fedlora.server.adapter_persistor import ROUNDS_DIR
 from hospital_fedlora.server.stock_he_persistor import StockHEAdapterPersistor
 from hospital_fedlora.site.restore_adapter_shapes import RestoreAdapterShapes
 from hospital_fedlora_tools.demo import derive_job
+
+from deployment_helpers import REPO, SITES
+from flare_harness import Engine, fl_ctx, kit_workspace
 
 pytest_plugins = ["federation_fixtures"]
 

@@ -8,8 +8,8 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import make_reply
 from nvflare.app_common.app_constant import AppConstants
 
-from hospital_fedlora.server.fedavg_aggregator import FedAvgAdapterAggregator
 from hospital_fedlora.protocol import Meta
+from hospital_fedlora.server.fedavg_aggregator import FedAvgAdapterAggregator
 
 
 def contribution(site, diff, weight, rnd=0, kind=DataKind.WEIGHT_DIFF, metrics=None):

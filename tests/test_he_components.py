@@ -19,23 +19,11 @@ from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.apis.workspace import Workspace
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.fuel.utils import fobs
 
 from hospital_fedlora.adapter_layout import AdapterLayout
-from hospital_fedlora.server.adapter_locator import AdapterLocator
 from hospital_fedlora.config import ConfigError
-from hospital_fedlora.he.decrypt_filter import DecryptFilter
-from hospital_fedlora.he.encrypt_filter import EncryptFilter
-from hospital_fedlora.he.wire_format import (
-    LogError,
-    first_round_needed,
-)
-from hospital_fedlora.he.log_generator import EncryptedLogGenerator, log_entries, make_log_learnable
-from hospital_fedlora.he.log_persistor import LOG_DIR, LOG_INDEX, EncryptedLogPersistor, read_log
-from hospital_fedlora.he.sum_aggregator import EncryptedSumAggregator
-from hospital_fedlora.protocol import INITIAL_ADAPTER, Data, EncryptedKind, Meta
 from hospital_fedlora.he.bfv_context import (
     CLIENT_CONTEXT_FILE,
     BFVParams,
@@ -43,9 +31,21 @@ from hospital_fedlora.he.bfv_context import (
     make_context,
     serialize_context,
 )
-from hospital_fedlora.he.packed_bfv import decrypt_ints
+from hospital_fedlora.he.decrypt_filter import DecryptFilter
 from hospital_fedlora.he.encoding import contribution_weight, quantize, rounding_generator, step_size
+from hospital_fedlora.he.encrypt_filter import EncryptFilter
+from hospital_fedlora.he.log_generator import EncryptedLogGenerator, log_entries, make_log_learnable
+from hospital_fedlora.he.log_persistor import LOG_DIR, LOG_INDEX, EncryptedLogPersistor, read_log
+from hospital_fedlora.he.packed_bfv import decrypt_ints
 from hospital_fedlora.he.site_key import SiteEncryption, SiteKey
+from hospital_fedlora.he.sum_aggregator import EncryptedSumAggregator
+from hospital_fedlora.he.wire_format import (
+    LogError,
+    first_round_needed,
+)
+from hospital_fedlora.protocol import INITIAL_ADAPTER, Data, EncryptedKind, Meta
+from hospital_fedlora.server.adapter_locator import AdapterLocator
+
 from flare_harness import Engine, fl_ctx, kit_workspace, start_run
 
 SITES = ("hospital-a", "hospital-b", "hospital-c")
@@ -227,7 +227,6 @@ def test_a_log_encrypted_under_another_key_is_refused_at_the_site(filters, aggre
 
 
 def test_decrypt_filter_yields_the_example_weighted_average(filters, aggregator, key_files):
-    enc = filters[0]
     diffs = {s: diff_for(s, 0) for s in SITES}
     for s in SITES:
         assert aggregator.accept(encrypted(filters[1], s, diffs[s], 0), server_ctx(0))

@@ -18,11 +18,12 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from deployment_helpers import REPO, SITES
-from hospital_fedlora_tools.demo import derive_job, final_comparison
 from hospital_fedlora.he.log_persistor import LOG_DIR, LOG_INDEX
-from hospital_fedlora_tools.process_table import FederationError
 from hospital_fedlora.protocol import Meta
+from hospital_fedlora_tools.demo import derive_job, final_comparison
+from hospital_fedlora_tools.process_table import FederationError
+
+from deployment_helpers import REPO, SITES
 
 pytest_plugins = ["federation_fixtures"]
 

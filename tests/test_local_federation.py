@@ -13,9 +13,10 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
-from hospital_fedlora_tools.process_table import FederationError, find_marked_processes
 from hospital_fedlora_tools.local_federation import LocalFederation
+from hospital_fedlora_tools.process_table import FederationError, find_marked_processes
+
+from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
 
 pytest_plugins = ["federation_fixtures"]
 

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from hospital_fedlora.site.trainer import get_adapter_state, set_adapter_state
 from hospital_fedlora.config import DataFiles, LoraSettings
 from hospital_fedlora.site.dataset import load_records
-from hospital_fedlora.site.trainer import LocalTrainer
 from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
+from hospital_fedlora.site.trainer import LocalTrainer, get_adapter_state, set_adapter_state
 
 CPU = choose_placement("cpu", "auto", False)
 SEQ = 128  # most records fit (median ~120 tokens); keeps every step cheap on two cores

@@ -8,7 +8,6 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from hospital_fedlora.site.trainer import get_adapter_state
 from hospital_fedlora.config import ConfigError, LoraSettings
 from hospital_fedlora.site.model_loading import (
     apply_lora,
@@ -16,6 +15,7 @@ from hospital_fedlora.site.model_loading import (
     choose_placement,
     load_base_model,
 )
+from hospital_fedlora.site.trainer import get_adapter_state
 
 CPU = choose_placement("cpu", "auto", False)
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

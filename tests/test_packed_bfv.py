@@ -17,10 +17,18 @@ from hospital_fedlora.he.bfv_context import (
     make_context,
     serialize_context,
 )
-from hospital_fedlora.he.wire_format import CiphertextError, read_chunk_info
+from hospital_fedlora.he.encoding import (
+    PackingSettings,
+    contribution_weight,
+    dequantize,
+    pack_lanes,
+    plan_lanes,
+    quantize,
+    step_size,
+    unpack_lanes,
+)
 from hospital_fedlora.he.packed_bfv import EncryptedSum, add_encrypted, decrypt_ints, encrypt_ints
-from hospital_fedlora.he.encoding import PackingSettings, pack_lanes, plan_lanes, unpack_lanes
-from hospital_fedlora.he.encoding import contribution_weight, dequantize, quantize, step_size
+from hospital_fedlora.he.wire_format import CiphertextError, read_chunk_info
 
 INT16 = PackingSettings(bits=16, max_sites=8, ciphertexts_per_chunk=4)
 INT8 = PackingSettings(bits=8, max_sites=8, ciphertexts_per_chunk=4)

@@ -17,11 +17,13 @@ import tenseal as ts
 import yaml
 from nvflare.lighter.utils import verify_folder_signature
 
-from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
 from hospital_fedlora.config import load_site_config
-from hospital_fedlora.deploy.kits import COMM_CONFIG, PACKAGE_ALLOW_PREFIX, KitError, main as kits_main
-from hospital_fedlora_tools.local_federation import LocalFederation
+from hospital_fedlora.deploy.kits import COMM_CONFIG, PACKAGE_ALLOW_PREFIX, KitError
+from hospital_fedlora.deploy.kits import main as kits_main
 from hospital_fedlora.he.bfv_context import load_context_file
+from hospital_fedlora_tools.local_federation import LocalFederation
+
+from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
 
 ADMIN = "admin@consortium.org"
 

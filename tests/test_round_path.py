@@ -16,7 +16,6 @@ import pytest
 import yaml
 from nvflare.apis.dxo import from_shareable
 
-from job_in_process import REPO, JobInProcess
 from hospital_fedlora.he.bfv_context import (
     CLIENT_CONTEXT_FILE,
     SERVER_CONTEXT_FILE,
@@ -24,6 +23,8 @@ from hospital_fedlora.he.bfv_context import (
     make_context,
     serialize_context,
 )
+
+from job_in_process import REPO, JobInProcess
 
 PACKAGE = Path(__import__("hospital_fedlora").__file__).resolve().parent
 SITES = ["hospital-a", "hospital-b", "hospital-c"]

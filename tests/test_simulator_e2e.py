@@ -9,8 +9,8 @@ from peft import PeftModel
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from hospital_fedlora_tools.demo import derive_job, final_comparison, round_table, run_simulator
 from hospital_fedlora.protocol import Meta
+from hospital_fedlora_tools.demo import derive_job, final_comparison, round_table, run_simulator
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("hospital-a", "hospital-b", "hospital-c")

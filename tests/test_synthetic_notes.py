@@ -9,9 +9,9 @@ import pytest
 
 from hospital_fedlora_tools.synthetic_notes import (
     CONDITIONS,
-    SPECIALTY_NAMES,
     SITE_SPECIALTY,
     SITES,
+    SPECIALTY_NAMES,
     SPLIT_SIZES,
     SPLITS,
     TASK_GROUP,

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from hospital_fedlora.atomic_folder import replace_folder
+
 from .synthetic_notes import general_corpus
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"

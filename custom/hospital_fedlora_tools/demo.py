@@ -33,6 +33,7 @@ from hospital_fedlora.site.executor import SITE_CONFIGS_ENV
 from .job_progress import Progress, print_progress
 from .local_federation import LocalFederation
 from .process_table import FederationError
+
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 # FLARE log lines worth showing live: round boundaries and our executors' progress.
 _LIVE = re.compile(r"Round \d+ started|Round \d+ finished|step \d+/\d+|done: train loss|final validation loss|rejected|ERROR")

@@ -41,7 +41,6 @@ from .process_table import (
     FederationError,
     belongs_to,
     clear_stale_pid_files,
-    cmdline,
     find_marked_processes,
     log_tails,
     terminate,

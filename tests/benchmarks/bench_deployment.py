@@ -27,11 +27,11 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_round_overhead import round_overheads, summarize  # noqa: E402
-
-from hospital_fedlora_tools.demo import derive_job, run_simulator  # noqa: E402
 from hospital_fedlora.deploy.kits import latest_prod_dir  # noqa: E402
+from hospital_fedlora_tools.demo import derive_job, run_simulator  # noqa: E402
 from hospital_fedlora_tools.local_federation import LocalFederation  # noqa: E402
+
+from bench_round_overhead import round_overheads, summarize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

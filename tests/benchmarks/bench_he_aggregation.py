@@ -39,13 +39,10 @@ import torch
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.model import make_model_learnable
-from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.decomposers import common_decomposers
 from nvflare.fuel.sec.security_content_service import SecurityContentService
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from job_in_process import REPO, JobInProcess  # noqa: E402
-
 from hospital_fedlora.adapter_layout import AdapterLayout  # noqa: E402
 from hospital_fedlora.he.bfv_context import (  # noqa: E402
     CLIENT_CONTEXT_FILE,
@@ -57,6 +54,8 @@ from hospital_fedlora.he.bfv_context import (  # noqa: E402
 from hospital_fedlora.he.encoding import contribution_weight, step_size  # noqa: E402
 from hospital_fedlora.he.wire_format import CHUNK_MAGIC, unframe  # noqa: E402
 from hospital_fedlora.protocol import Data, Meta  # noqa: E402
+
+from job_in_process import REPO, JobInProcess  # noqa: E402
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 EXAMPLES = [240, 160, 120]  # the demo federation's training examples per site

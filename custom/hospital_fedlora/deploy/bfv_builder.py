@@ -22,7 +22,6 @@ from ..he.bfv_context import (
 )
 from ..he.encoding import PackingSettings, plan_lanes
 
-
 STATE_FILE = "bfv_context.tenseal"
 BUILDER = "hospital_fedlora.deploy.bfv_builder.BFVContextBuilder"
 

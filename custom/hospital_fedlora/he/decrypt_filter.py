@@ -13,10 +13,10 @@ from nvflare.apis.shareable import Shareable
 
 from ..adapter_layout import AdapterLayout
 from ..protocol import INITIAL_ADAPTER, ROUND_TAG, Data, EncryptedKind, Meta
-from .packed_bfv import decrypt_ints
-from .wire_format import LogEntry, LogError
 from .encoding import contribution_weight, dequantize
+from .packed_bfv import decrypt_ints
 from .site_key import SiteKey, load_site_key
+from .wire_format import LogEntry, LogError
 
 
 class DecryptFilter(DXOFilter):

@@ -24,7 +24,6 @@ from ..config import StrictModel
 from .bfv_context import BFVContext
 from .wire_format import CiphertextError
 
-
 # ---------------------------------------------------------------------------------------- quantizing
 ClipSpec = float | Mapping[str, float]
 

@@ -14,8 +14,8 @@ from nvflare.app_common.app_constant import AppConstants
 
 from ..adapter_layout import AdapterLayout
 from ..protocol import ROUND_TAG, Data, EncryptedKind, Meta
-from .packed_bfv import encrypt_ints
 from .encoding import contribution_weight, quantize, rounding_generator
+from .packed_bfv import encrypt_ints
 from .site_key import SiteKey, load_site_key
 
 # Executor metadata the server may see; everything else the executor attached stays at the site.

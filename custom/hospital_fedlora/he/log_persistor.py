@@ -12,8 +12,8 @@ from nvflare.app_common.abstract.model import ModelLearnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 
 from ..protocol import Meta
-from .wire_format import LogEntry, LogError, frame_chunks, unframe_chunks
 from .log_generator import log_entries, make_log_learnable
+from .wire_format import LogEntry, LogError, frame_chunks, unframe_chunks
 
 LOG_DIR = "encrypted_log"
 LOG_INDEX = "log.jsonl"

@@ -13,8 +13,8 @@ from ..adapter_layout import AdapterLayout
 from ..protocol import ROUND_TAG, Data, EncryptedKind, Meta
 from ..server.contribution_aggregator import ContributionAggregator
 from .bfv_context import SERVER_CONTEXT_FILE, BFVContext
-from .kit_context import load_kit_context
 from .encoding import most_summable
+from .kit_context import load_kit_context
 from .packed_bfv import EncryptedSum
 from .wire_format import read_chunk_info
 

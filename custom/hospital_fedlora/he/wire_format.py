@@ -137,9 +137,9 @@ def parse_chunks(chunks: Sequence[bytes], source: str) -> tuple[ChunkInfo, list[
     for i, h in enumerate(headers):
         if h.get("chunk") != i:
             raise CiphertextError(f"{source}: chunk {i} says it is chunk {h.get('chunk')}; chunks are missing or reordered")
-        for field in _HEADER_FIELDS:
-            if h.get(field) != first.get(field):
-                raise CiphertextError(f"{source}: chunk {i} disagrees with chunk 0 on {field}; chunks were mixed up")
+        for name in _HEADER_FIELDS:
+            if h.get(name) != first.get(name):
+                raise CiphertextError(f"{source}: chunk {i} disagrees with chunk 0 on {name}; chunks were mixed up")
     return info, payloads
 
 
