@@ -28,21 +28,19 @@ class StrictModel(BaseModel):
 Model = TypeVar("Model", bound=StrictModel)
 
 
-def validate(
-    model: type[Model], raw: Any, source: str, misplaced: Mapping[str, str] | None = None, docs: str = "docs/"
-) -> Model:
+def validate(model: type[Model], raw: Any, source: str, docs: str, misplaced: Mapping[str, str] | None = None) -> Model:
     """``model`` from ``raw``, or a ``ConfigError`` naming ``source`` and every bad field.
 
-    ``misplaced`` maps field names that belong to another owner to a hint saying where they go; ``docs``
-    is the page that lists the valid fields.
+    ``docs`` is the page that lists the valid fields; ``misplaced`` maps field names that belong to another
+    owner to a hint saying where they go.
     """
     try:
         return model.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(describe(err, source, misplaced or {}, docs)) from None
+        raise ConfigError(_describe(err, source, docs, misplaced or {})) from None
 
 
-def describe(err: ValidationError, source: str, misplaced: Mapping[str, str], docs: str = "docs/") -> str:
+def _describe(err: ValidationError, source: str, docs: str, misplaced: Mapping[str, str]) -> str:
     """The one error format: the source, then one line per field with what is wrong and what to do."""
     lines = [f"{source}: invalid configuration"]
     for e in err.errors():
@@ -141,7 +139,7 @@ _JOB_ONLY = {name: _JOB_HINT for name in (*TrainingRecipe.model_fields, *LoraSet
 
 
 def parse_recipe(raw: dict[str, Any] | None, source: str = "job config (executor argument 'recipe')") -> TrainingRecipe:
-    return validate(TrainingRecipe, raw or {}, source, _SITE_ONLY, "docs/operator.md")
+    return validate(TrainingRecipe, raw or {}, source, "docs/architecture.md", _SITE_ONLY)
 
 
 def load_site_config(path: str | Path, expected_site: str | None = None) -> SiteConfig:
@@ -155,7 +153,7 @@ def load_site_config(path: str | Path, expected_site: str | None = None) -> Site
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
-    cfg = validate(SiteConfig, raw, str(path), _JOB_ONLY, "docs/hospital-it.md")
+    cfg = validate(SiteConfig, raw, str(path), "docs/hospital-it.md", _JOB_ONLY)
     if expected_site is not None and cfg.site != expected_site:
         raise ConfigError(f"{path}: field 'site' is {cfg.site!r} but this client is {expected_site!r}")
     return _resolve_paths(cfg, path.parent)

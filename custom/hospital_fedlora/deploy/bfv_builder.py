@@ -46,7 +46,7 @@ class BFVContextBuilder(Builder):
 
     def __init__(self, poly_modulus_degree: int = 4096, plain_modulus_bits: int = 58):
         raw = {"poly_modulus_degree": poly_modulus_degree, "plain_modulus_bits": plain_modulus_bits}
-        self.params = validate(BFVParams, raw, f"project.yml, builder {BUILDER}, args", docs="docs/admin.md")
+        self.params = validate(BFVParams, raw, f"project.yml, builder {BUILDER}, args", "docs/admin.md")
         self._context: BFVContext | None = None
         self._new_state: str | None = None  # state file to write in finalize, when the keys are new
         self._written: list[tuple[object, str]] = []

@@ -27,7 +27,12 @@ from ..config import ConfigError, load_site_config
 # Every FLARE class our jobs name lives under this prefix; the package is installed at every participant.
 PACKAGE_ALLOW_PREFIX = "hospital_fedlora."
 SITE_CONFIG_NAME = "site_config.yaml"
-_FLARE_TMP = "/tmp/nvflare"
+# Where a server keeps its state, as FLARE 2.9's resources.json names it: (path of keys, folder in the kit).
+# FLARE's defaults point outside the kit, at a shared system folder.
+SERVER_STORAGE = (
+    (("snapshot_persistor", "args", "storage", "args", "root_dir"), "snapshot-storage"),
+    (("components", "job_manager", "args", "uri_root"), "jobs-storage"),
+)
 
 # Defaults in FLARE 2.9 (fuel/f3): 1 MiB chunks, 4 GiB largest blob, 300 s between chunks, 30 s socket
 # send. A multi-GB encrypted adapter over a hospital's uplink needs longer waits and a larger blob ceiling;
@@ -140,24 +145,30 @@ def local_resources(kit: Path) -> dict[str, Any]:
         resources = json.loads(default.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise KitError(f"{default}: cannot read the provisioned resources: {err}") from None
-    storage = (kit / "storage").resolve()
-    resources = _move_tmp_paths(resources, storage)
+    if (kit / "startup" / "fed_server.json").is_file():
+        for keys, folder in SERVER_STORAGE:
+            _set(resources, keys, str((kit / "storage" / folder).resolve()), default)
     allow = resources.get("class_allow_list")
     if isinstance(allow, list) and "*" not in allow and PACKAGE_ALLOW_PREFIX not in allow:
         allow.append(PACKAGE_ALLOW_PREFIX)
     return resources
 
 
-def _move_tmp_paths(node: Any, storage: Path) -> Any:
-    # Which components hold /tmp paths differs by FLARE version (2.9: the server's job_manager and
-    # snapshot_persistor), so every such string is moved rather than a list of known keys.
-    if isinstance(node, dict):
-        return {k: _move_tmp_paths(v, storage) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_move_tmp_paths(v, storage) for v in node]
-    if isinstance(node, str) and (node == _FLARE_TMP or node.startswith(_FLARE_TMP + "/")):
-        return str(storage / node[len(_FLARE_TMP) :].lstrip("/"))
-    return node
+def _set(node: Any, keys: tuple[str, ...], value: str, source: Path) -> None:
+    """Set ``node[k1][k2]...[last]`` to ``value``; within a list, a key names a component's ``id``."""
+    *path, last = keys
+    for key in path:
+        if isinstance(node, list):
+            node = next((c for c in node if isinstance(c, dict) and c.get("id") == key), None)
+        else:
+            node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and last in node:
+        node[last] = value
+        return
+    raise KitError(
+        f"{source}: has no {'.'.join(keys)}, where this FLARE version's server keeps its state; the kit's "
+        "storage cannot be placed inside the kit. Check the installed nvflare version against pyproject.toml"
+    )
 
 
 def comm_config(kit: Path) -> dict[str, Any]:

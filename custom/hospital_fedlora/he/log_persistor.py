@@ -75,16 +75,16 @@ class EncryptedLogPersistor(ModelPersistor):
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:
         folder = self._folder(fl_ctx)
         folder.mkdir(parents=True, exist_ok=True)
-        entries = [LogEntry.from_dict(d, source=f"log entry for round {d.get(Meta.ROUND)}") for d in log_entries(model)]
-        for e in entries:
-            recorded = self._written.get(e.round)
-            if recorded is not None:
-                if recorded != e.sha256:
+        for d in log_entries(model):
+            rnd, recorded = d.get(Meta.ROUND), self._written.get(d.get(Meta.ROUND))
+            if recorded is not None:  # on disk already: only its digest is compared, nothing is parsed again
+                if recorded != d.get("sha256"):
                     raise LogError(
-                        f"round {e.round}: the log in memory differs from {folder / round_file(e.round)} "
-                        f"(sha256 {e.sha256[:16]}... vs {recorded[:16]}...); recorded rounds are never rewritten"
+                        f"round {rnd}: the log in memory differs from {folder / round_file(rnd)} "
+                        f"(sha256 {str(d.get('sha256'))[:16]}... vs {recorded[:16]}...); recorded rounds are never rewritten"
                     )
                 continue
+            e = LogEntry.from_dict(d, source=f"log entry for round {rnd}")
             e.verify()
             self._append(folder, e)
             self._written[e.round] = e.sha256

@@ -73,7 +73,7 @@ class SiteEncryption(FLComponent):
     ):
         super().__init__()
         raw = {"clip": clip, "full_weight": full_weight, "packing": packing or {}, "rounding_seed": rounding_seed}
-        self.settings = validate(EncryptionSettings, raw, f"job config, component {COMPONENT}")
+        self.settings = validate(EncryptionSettings, raw, f"job config, component {COMPONENT}", "docs/architecture.md")
         self.context_file = context_file
         self._key: SiteKey | None = None
 

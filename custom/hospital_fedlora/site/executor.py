@@ -98,6 +98,7 @@ class LoraExecutor(Executor):
         self.adapter_config: dict | None = None
         self.run_dir: Path | None = None
         self.initial_state: dict | None = None
+        self.layout: AdapterLayout | None = None  # the adapter every global adapter must match
         self._setup_error: str | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -130,6 +131,7 @@ class LoraExecutor(Executor):
         model = apply_lora(model, self.recipe.lora, self.recipe.seed)
         self.adapter_config = adapter_config_dict(model)
         self.initial_state = get_adapter_state(model)
+        self.layout = AdapterLayout.from_tensors(self.initial_state)
         r = self.recipe
         self.trainer = LocalTrainer(
             model,
@@ -181,14 +183,14 @@ class LoraExecutor(Executor):
             state = dxo.data
         elif dxo.data_kind == DataKind.WEIGHT_DIFF and dxo.get_meta_prop(Meta.RELATIVE_TO) == INITIAL_ADAPTER:
             if dxo.data:
-                AdapterLayout.from_tensors(self.initial_state).check(dxo.data, source)
+                self.layout.check(dxo.data, source)
             state = {k: v + dxo.data[k] if dxo.data else v for k, v in self.initial_state.items()}
         else:
             raise ValueError(
                 f"expected the global adapter as {DataKind.WEIGHTS} or as a {DataKind.WEIGHT_DIFF} relative to the "
                 f"initial adapter, got {dxo.data_kind}"
             )
-        set_adapter_state(self.trainer.model, state, source=source)
+        set_adapter_state(self.trainer.model, state, source=source, layout=self.layout)
         return get_adapter_state(self.trainer.model)
 
     def _current_adapter(self) -> Shareable:

@@ -28,9 +28,14 @@ def get_adapter_state(model: PeftModel) -> AdapterState:
     return {k: v.detach().float().cpu().numpy().copy() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def set_adapter_state(model: PeftModel, state: Mapping[str, np.ndarray], source: str = "global adapter") -> None:
-    """Load ``state`` into ``model``'s adapter, refusing anything that does not match it exactly."""
-    AdapterLayout.from_tensors(get_adapter_state(model)).check(state, source)
+def set_adapter_state(
+    model: PeftModel, state: Mapping[str, np.ndarray], source: str = "global adapter", layout: AdapterLayout | None = None
+) -> None:
+    """Load ``state`` into ``model``'s adapter, refusing anything that does not match it exactly.
+
+    ``layout``: the model's adapter layout when the caller already knows it (else read from the model).
+    """
+    (layout or AdapterLayout.from_tensors(get_adapter_state(model))).check(state, source)
     tensors = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in state.items()}
     set_peft_model_state_dict(model, tensors)
 
