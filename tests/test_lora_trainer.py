@@ -1,5 +1,5 @@
 """Local LoRA training on one site's data: it learns, it scores deterministically, accumulation equals one
-big batch, and rounds continue through the data. Real transformers and peft on the project's tiny base model."""
+big batch, and rounds continue through the data, reproducibly per round. Real transformers and peft on the project's tiny base model."""
 
 import math
 
@@ -128,25 +128,41 @@ def test_gradient_accumulation_matches_one_big_batch(model, records):
             np.testing.assert_allclose(state[k], big_state[k], rtol=0, atol=2e-5, err_msg=k)
 
 
-def test_batches_continue_across_train_calls(model, records):
+def _losses(trainer, steps, round):
+    reports = []
+    trainer.train(steps, reports.append, round=round)
+    return [r.loss for r in reports]
+
+
+def test_rounds_continue_through_the_data_and_a_restarted_site_draws_the_same_batches(model, records):
     train, _ = records
     subset = train[:24]  # three batches of 8 per pass
     # learning rate 0: the model never changes, so a step's loss depends on its examples alone
-    split = _trainer(model, subset, subset[:1], lr=0.0, seed=3)
-    first, first_reports = _run(split, 2)
-    second, second_reports = _run(split, 1)
-    whole = _trainer(model, subset, subset[:1], lr=0.0, seed=3)
-    _, whole_reports = _run(whole, 3)
+    rounds = _trainer(model, subset, subset[:1], lr=0.0, seed=3)
+    by_round = [_losses(rounds, 1, r) for r in range(3)]
+    whole = _losses(_trainer(model, subset, subset[:1], lr=0.0, seed=3), 3, 0)
+    assert sum(by_round, []) == whole
+    assert len(set(whole)) == 3  # each round took the next batch, not the first one again
+    # A fresh trainer (a site restarted, or a job resumed) draws round 2's batch directly.
+    assert _losses(_trainer(model, subset, subset[:1], lr=0.0, seed=3), 1, 2) == by_round[2]
+    # Rounds 3..5 are the next pass: every example again, in freshly shuffled batches.
+    next_pass = [_losses(rounds, 1, r) for r in range(3, 6)]
+    assert sorted(sum(next_pass, [])) != sorted(whole)
+    assert _losses(_trainer(model, subset, subset[:1], lr=0.0, seed=4), 3, 0) != whole  # the seed matters
 
-    split_losses = [r.loss for r in first_reports + second_reports]
-    assert split_losses == [r.loss for r in whole_reports]
-    assert len(set(split_losses)) == 3  # the second call did not start over at the first batch
-    # Together the three steps saw every example exactly once.
-    assert first.tokens + second.tokens == sum(len(e["input_ids"]) for e in split.train_examples)
-    # The next pass covers every example again, in freshly shuffled batches.
-    again, next_pass = _run(split, 3)
-    assert again.tokens == first.tokens + second.tokens
-    assert sorted(r.loss for r in next_pass) != sorted(split_losses)
+
+def test_a_round_with_dropout_is_reproducible_from_its_starting_adapter(base_model_dir, records):
+    train, _ = records
+    peft_model, tokenizer = _lora_model(base_model_dir, dropout=0.1)
+    start = get_adapter_state(peft_model)
+    results = []
+    for _ in range(2):
+        set_adapter_state(peft_model, start)
+        torch.manual_seed(len(results))  # whatever the process's own random state, the round is the same
+        _trainer((peft_model, tokenizer), train[:16], train[:1], seed=5).train(2, round=4)
+        results.append(get_adapter_state(peft_model))
+    assert all(np.array_equal(results[0][k], results[1][k]) for k in start)
+    assert any(not np.array_equal(results[0][k], start[k]) for k in start)
 
 
 def test_gradients_left_by_an_interrupted_step_do_not_leak_into_the_next_round(model, records):

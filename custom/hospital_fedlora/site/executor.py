@@ -219,7 +219,7 @@ class LoraExecutor(Executor):
                     f"{self.site.site} round {rnd + 1}/{total} step {s.step}/{s.steps} loss {s.loss:.4f} ({s.tokens_per_s:,.0f} tok/s)",
                 )
 
-        result = t.train(r.local_steps, progress)
+        result = t.train(r.local_steps, progress, round=rnd)
         val_local = t.evaluate(r.max_eval_examples)
         metrics = {
             Metric.TRAIN_LOSS: result.mean_loss,

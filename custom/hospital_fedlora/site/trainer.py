@@ -1,12 +1,15 @@
 """Local LoRA training and evaluation on one site's data, and the adapter as plain arrays: no FLARE.
 
-The executor owns one ``LocalTrainer`` per job. Batches are drawn from a seeded permutation that carries
-across rounds, so each round sees new examples rather than the first ``local_steps`` batches again. The
-adapter's tensors use PEFT's own state-dict keys, so they are exactly what a PEFT adapter folder holds.
+The executor owns one ``LocalTrainer`` per job. Round r's batches and dropout are a function of the seed
+and r alone: batches continue a stream of seeded epoch permutations at the position round r reaches, so
+each round sees new examples, and a site that restarts (or a job resumed from its log) trains round r
+exactly as an uninterrupted run would. The adapter's tensors use PEFT's own state-dict keys, so they are
+exactly what a PEFT adapter folder holds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -21,6 +24,11 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from ..adapter_files import AdapterState
 from ..adapter_layout import AdapterLayout
 from .dataset import IGNORE_INDEX, tokenize_record
+
+
+def _derive(seed: int, purpose: str, n: int) -> int:
+    """An independent 63-bit seed for one purpose and index."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}:{n}".encode()).digest()[:8], "big") >> 1
 
 
 # ------------------------------------------------------------------------------------------ the adapter
@@ -113,19 +121,20 @@ class LocalTrainer:
         self.micro_batch_size = min(micro_batch_size, batch_size)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
-        self._rng = torch.Generator().manual_seed(seed)
-        self._order: list[int] = []
+        self.seed = seed
 
     @property
     def num_train_examples(self) -> int:
         return len(self.train_examples)
 
-    def _next_indices(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if not self._order:
-                self._order = torch.randperm(len(self.train_examples), generator=self._rng).tolist()
-            out.append(self._order.pop())
+    def _indices(self, start: int, n: int) -> list[int]:
+        """Positions ``start .. start + n`` of the stream of epoch permutations (epoch e seeded by seed and e)."""
+        size, out = len(self.train_examples), []
+        for pos in range(start, start + n):
+            epoch, i = divmod(pos, size)
+            if i == 0 or not out:
+                order = torch.randperm(size, generator=torch.Generator().manual_seed(_derive(self.seed, "epoch", epoch)))
+            out.append(int(order[i]))
         return out
 
     def _micro_batches(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
@@ -143,7 +152,14 @@ class LocalTrainer:
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         return loss, int((labels != IGNORE_INDEX).sum())
 
-    def train(self, steps: int, progress: Callable[[StepReport], None] | None = None) -> TrainResult:
+    def train(self, steps: int, progress: Callable[[StepReport], None] | None = None, round: int = 0) -> TrainResult:
+        """``steps`` optimizer steps of round ``round`` (0-based): its batches follow those of rounds before it."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # dropout draws from the round's own seed, nothing else's
+            torch.manual_seed(_derive(self.seed, "dropout", round))
+            return self._train(steps, progress, first=round * steps * self.batch_size)
+
+    def _train(self, steps: int, progress: Callable[[StepReport], None] | None, first: int) -> TrainResult:
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         # A fresh optimizer each round: the global adapter changed under it, old moments would be stale.
@@ -152,7 +168,7 @@ class LocalTrainer:
         optimizer.zero_grad(set_to_none=True)
         losses, tokens, start = [], 0, time.perf_counter()
         for step in range(1, steps + 1):
-            micro = self._micro_batches(self._next_indices(self.batch_size))
+            micro = self._micro_batches(self._indices(first + (step - 1) * self.batch_size, self.batch_size))
             # Weight micro-batches by their response tokens so accumulation equals one big batch exactly.
             n_targets = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
             step_loss = 0.0
