@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,12 +35,21 @@ from hospital_fedlora.he.bfv_context import (
 from hospital_fedlora.he.decrypt_filter import DecryptFilter
 from hospital_fedlora.he.encoding import contribution_weight, quantize, rounding_generator, step_size
 from hospital_fedlora.he.encrypt_filter import EncryptFilter
-from hospital_fedlora.he.log_generator import EncryptedLogGenerator, log_entries, make_log_learnable
-from hospital_fedlora.he.log_persistor import LOG_DIR, LOG_INDEX, EncryptedLogPersistor, read_log
+from hospital_fedlora.he.log_generator import EncryptedLogGenerator
+from hospital_fedlora.he.log_persistor import (
+    FILE,
+    LOG_DIR,
+    LOG_INDEX,
+    EncryptedLogPersistor,
+    log_entries,
+    make_log_learnable,
+    read_log,
+)
 from hospital_fedlora.he.packed_bfv import decrypt_ints
 from hospital_fedlora.he.site_key import SiteEncryption, SiteKey
 from hospital_fedlora.he.sum_aggregator import EncryptedSumAggregator
 from hospital_fedlora.he.wire_format import (
+    LogEntry,
     LogError,
     first_round_needed,
 )
@@ -79,13 +89,13 @@ def site_ctx(site: str, rnd: int | None = None, engine: Engine | None = None) ->
     return fl_ctx(site, rnd, engine)
 
 
-def server_ctx(rnd: int, global_model=None, workspace=None) -> FLContext:
+def server_ctx(rnd: int, global_model=None, workspace=None, job_id="job_he") -> FLContext:
     ctx = site_ctx("server", rnd)
     if global_model is not None:
         ctx.set_prop(AppConstants.GLOBAL_MODEL, global_model, private=True, sticky=False)
     if workspace is not None:
         ctx.set_prop(FLContextKey.WORKSPACE_OBJECT, kit_workspace(workspace, "server"), private=True, sticky=False)
-        ctx.set_prop(ReservedKey.RUN_NUM, "job_he", private=False, sticky=False)
+        ctx.set_prop(ReservedKey.RUN_NUM, job_id, private=False, sticky=False)
     return ctx
 
 
@@ -511,14 +521,47 @@ def test_persistor_appends_round_files_and_never_rewrites(filters, key_files, tm
     assert (folder / "round_000.bfv").stat().st_mtime_ns == first_file.st_mtime_ns
     assert len((folder / LOG_INDEX).read_text().splitlines()) == 2
 
+    # Saved rounds live on disk: memory keeps their summaries, and the generator reads the ciphertexts back.
+    assert all(Data.CHUNKS not in e and Path(e[FILE]).is_file() for e in log_entries(log))
+    sent = from_shareable(EncryptedLogGenerator(whole_log=True).learnable_to_shareable(log, server_ctx(2))).data[Data.ENTRIES]
+    assert [LogEntry.from_dict(e).sha256 for e in sent] == [l["sha256"] for l in lines]
+
     forged = log_entries(log)
-    forged[0] = {**forged[0], Data.CHUNKS: forged[1][Data.CHUNKS], "sha256": forged[1]["sha256"]}
+    forged[0] = {**forged[0], "sha256": forged[1]["sha256"]}
     with pytest.raises(LogError, match="round 0: the log in memory differs.*never rewritten"):
         persistor.save_model(make_log_learnable(forged), server_ctx(1, workspace=tmp_path))
 
     # a fresh persistor (e.g. after a server restart) serves the log from disk to the final evaluation
     again = EncryptedLogPersistor().get_model_from_location("global_adapter", server_ctx(2, workspace=tmp_path))
     assert [(e[Meta.ROUND], e["sha256"]) for e in log_entries(again)] == [(l[Meta.ROUND], l["sha256"]) for l in lines]
+
+
+def test_a_resumed_run_continues_the_earlier_runs_log_and_sends_it_whole(filters, key_files, tmp_path):
+    _, encrypt, _ = filters
+    gen, persistor = EncryptedLogGenerator(), EncryptedLogPersistor()
+    log = persistor.load_model(server_ctx(0, workspace=tmp_path, job_id="crashed"))
+    for rnd in range(2):
+        log = run_round(rnd, log, SITES, encrypt, key_files, gen)
+        persistor.save_model(log, server_ctx(rnd, workspace=tmp_path, job_id="crashed"))
+
+    resumed = EncryptedLogPersistor(resume_from="crashed")
+    log = resumed.load_model(server_ctx(0, workspace=tmp_path, job_id="resumed"))
+    assert resumed.resumed_rounds == 2
+    earlier = (tmp_path / "crashed" / LOG_DIR / LOG_INDEX).read_text().splitlines()
+    assert (tmp_path / "resumed" / LOG_DIR / LOG_INDEX).read_text().splitlines() == earlier
+    # The sites of a resumed run start from the seeded adapter: its first round sends rounds 0 and 1 ...
+    gen = EncryptedLogGenerator()
+    first = from_shareable(gen.learnable_to_shareable(log, server_ctx(2))).data[Data.ENTRIES]
+    assert [e[Meta.ROUND] for e in first] == [0, 1]
+    # ... and once round 2 is logged by this run, only what its contributors lack.
+    log = run_round(2, log, SITES, encrypt, key_files, gen)
+    resumed.save_model(log, server_ctx(2, workspace=tmp_path, job_id="resumed"))
+    assert [e[Meta.ROUND] for e in from_shareable(gen.learnable_to_shareable(log, server_ctx(3))).data[Data.ENTRIES]] == [2]
+
+    with pytest.raises(FileNotFoundError, match="job nowhere left no encrypted_log"):
+        EncryptedLogPersistor(resume_from="nowhere").load_model(server_ctx(0, workspace=tmp_path, job_id="x"))
+    with pytest.raises(ValueError, match="resume_from: '../crashed' is not a job id"):
+        EncryptedLogPersistor(resume_from="../crashed").load_model(server_ctx(0, workspace=tmp_path, job_id="x"))
 
 
 def test_stored_log_with_a_damaged_file_is_refused(filters, key_files, tmp_path):

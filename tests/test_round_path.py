@@ -42,7 +42,7 @@ DATA_PATH = [
     "he/encrypt_filter.py",  # site: quantize, pack, encrypt the change
     "he/sum_aggregator.py",  # server: check and add the ciphertexts
     "server/contribution_aggregator.py",
-    "he/log_persistor.py",  # server: append the round to the log on disk
+    "he/log_persistor.py",  # server: the entries' ciphertexts read back from disk; the new round appended
 ]
 OBSERVERS = ["server/round_metrics_log.py"]  # reads the aggregate's metadata after each round
 
@@ -104,7 +104,7 @@ def federation(tmp_path_factory, base_model_dir, data_dir):
     return fed
 
 
-def test_one_round_enters_twelve_modules_on_the_data_path(federation):
+def test_one_round_enters_exactly_the_modules_of_the_data_path(federation):
     entered = trace_modules(lambda: federation.round(1))
     assert entered == set(DATA_PATH + OBSERVERS)
     assert len(DATA_PATH) <= 12

@@ -5,22 +5,13 @@ from __future__ import annotations
 from nvflare.apis.dxo import DXO, from_shareable
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
+from nvflare.app_common.abstract.model import ModelLearnable
 from nvflare.app_common.abstract.shareable_generator import ShareableGenerator
 from nvflare.app_common.app_constant import AppConstants
 
 from ..protocol import Data, EncryptedKind, Meta
+from .log_persistor import log_entries, make_log_learnable, with_chunks
 from .wire_format import LogEntry, LogError, chunks_digest, first_round_needed
-
-
-def log_entries(model: ModelLearnable | None) -> list[dict]:
-    """The log's entry dicts held in ``model`` (empty before the first round)."""
-    weights = (model or {}).get(ModelLearnableKey.WEIGHTS) or {}
-    return list(weights.get(Data.ENTRIES, []))
-
-
-def make_log_learnable(entries: list[dict]) -> ModelLearnable:
-    return make_model_learnable({Data.ENTRIES: entries} if entries else {}, {})
 
 
 class EncryptedLogGenerator(ShareableGenerator):
@@ -29,7 +20,9 @@ class EncryptedLogGenerator(ShareableGenerator):
     ``shareable_to_learnable`` appends the round's encrypted aggregate to the log (refusing to rewrite a
     logged round). ``learnable_to_shareable`` sends the entries some site may still lack: a site that
     contributed to round r had applied everything before r, so normally only the latest entry goes out; a
-    site that missed rounds gets what it lacks (the decrypt filter skips what a site already has).
+    site that missed rounds gets what it lacks (the decrypt filter skips what a site already has). Only
+    rounds logged by this run count: in a resumed run the sites start from nothing, so its first round
+    sends the whole log. Ciphertexts the persistor moved to disk are read back for sending.
 
     Args:
         whole_log: send every entry (the final evaluation uses such a generator, so any site can rebuild
@@ -39,6 +32,7 @@ class EncryptedLogGenerator(ShareableGenerator):
     def __init__(self, whole_log: bool = False):
         super().__init__()
         self.whole_log = whole_log
+        self._first_round_of_run: int | None = None  # the first round this run appended to the log
 
     def learnable_to_shareable(self, model: ModelLearnable, fl_ctx: FLContext) -> Shareable:
         entries = log_entries(model)
@@ -47,8 +41,10 @@ class EncryptedLogGenerator(ShareableGenerator):
         else:
             engine = fl_ctx.get_engine()
             sites = [c.name for c in engine.get_clients()] if engine is not None else []
-            first = first_round_needed({e[Meta.ROUND]: e[Meta.EXAMPLE_COUNTS] for e in entries}, sites)
-        sent = [dict(e) for e in entries if e[Meta.ROUND] >= first]  # copies: the log itself is never handed out
+            since = self._first_round_of_run
+            this_run = {e[Meta.ROUND]: e[Meta.EXAMPLE_COUNTS] for e in entries if since is not None and e[Meta.ROUND] >= since}
+            first = first_round_needed(this_run, sites, first_logged=entries[0][Meta.ROUND])
+        sent = [with_chunks(e) for e in entries if e[Meta.ROUND] >= first]  # copies: the log itself is never handed out
         if sent:
             self.log_info(
                 fl_ctx,
@@ -76,6 +72,8 @@ class EncryptedLogGenerator(ShareableGenerator):
                 f"round {entry.round} aggregate: the log already ends at round {entries[-1][Meta.ROUND]}; it is append-only"
             )
         entries.append(entry.to_dict())
+        if self._first_round_of_run is None:
+            self._first_round_of_run = entry.round
         self.log_info(
             fl_ctx,
             f"round {entry.round}: appended the encrypted sum of {entry.n_sites} sites ({entry.nbytes:,} bytes, "

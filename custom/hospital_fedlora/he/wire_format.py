@@ -287,19 +287,20 @@ def _str(v: Any, name: str) -> str:
     return v
 
 
-def first_round_needed(contributors: Mapping[int, Iterable[str]], sites: Iterable[str]) -> int:
+def first_round_needed(
+    contributors: Mapping[int, Iterable[str]], sites: Iterable[str], first_logged: int | None = None
+) -> int:
     """The earliest round of the log that some site has not applied yet.
 
-    ``contributors`` maps each logged round to the sites that contributed to it; ``sites`` names sites
-    that may not have contributed yet (they count as having applied nothing). A site that contributed to
-    round r had applied every entry before r (its task data carried them), but not entry r itself, which
-    only exists after the round.
+    ``contributors`` maps logged rounds to the sites that contributed to them; ``sites`` names sites that
+    may not have contributed yet. A site that contributed to round r had applied every entry before r (its
+    task data carried them), but not entry r itself, which only exists after the round. A site that
+    contributed to none of them lacks everything from ``first_logged`` (default: the first round given).
     """
-    if not contributors:
-        return 0
+    if first_logged is None:
+        first_logged = min(contributors, default=0)
     last: dict[str, int] = {}
     for rnd, who in contributors.items():
         for s in who:
             last[s] = max(last.get(s, rnd), rnd)
-    first_logged = min(contributors)
-    return min(last.get(s, first_logged) for s in set(sites) | set(last))
+    return min((last.get(s, first_logged) for s in set(sites) | set(last)), default=first_logged)
