@@ -77,3 +77,8 @@ ERROR_HEADER = "hospital_fedlora_error"
 
 # The tag every ciphertext of a round carries in its chunk headers, checked at both ends: ROUND_TAG.format(round=r)
 ROUND_TAG = "round {round}"
+
+# The audit trail (``audit/``): the server's audit-log head ``{seq, hash}`` in every train task's headers, and
+# the hospital's signed receipt of its result in the result's headers (``audit.receipts``).
+AUDIT_HEAD_HEADER = "hospital_fedlora_audit_head"
+RECEIPT_HEADER = "hospital_fedlora_receipt"
