@@ -106,10 +106,19 @@ class JobInProcess:
         return ctx
 
     # -------------------------------------------------------------------------------------------- server
+    def fire(self, event_type: str, ctx) -> None:
+        """An event to every server component, as FLARE's engine delivers it."""
+        for component in self.server.values():
+            component.handle_event(event_type, ctx)
+
     def task_data(self, rnd: int) -> bytes:
-        """The ``train`` task every site receives in round ``rnd``."""
-        task = self.server["shareable_generator"].learnable_to_shareable(self.global_model, self.server_ctx(rnd))
+        """The ``train`` task every site receives in round ``rnd`` (with ``ScatterAndGather``'s events)."""
+        ctx = self.server_ctx(rnd)
+        self.fire(AppEventType.ROUND_STARTED, ctx)
+        task = self.server["shareable_generator"].learnable_to_shareable(self.global_model, ctx)
         task.set_header(AppConstants.CURRENT_ROUND, rnd)
+        ctx.set_prop(AppConstants.TRAIN_SHAREABLE, task, private=True, sticky=False)
+        self.fire(AppEventType.BEFORE_TRAIN_TASK, ctx)
         return task.to_bytes()
 
     def aggregate(self, rnd: int, uploads: dict[str, bytes]) -> None:
@@ -121,15 +130,22 @@ class JobInProcess:
             result = Shareable.from_bytes(data)
             result.set_peer_props({ReservedKey.IDENTITY_NAME: site})
             result.add_cookie(AppConstants.CONTRIBUTION_ROUND, rnd)
-            if not aggregator.accept(result, ctx):
+            ctx.set_prop(AppConstants.TRAINING_RESULT, result, private=True, sticky=False)
+            self.fire(AppEventType.BEFORE_CONTRIBUTION_ACCEPT, ctx)
+            accepted = aggregator.accept(result, ctx)
+            ctx.set_prop(AppConstants.AGGREGATION_ACCEPTED, accepted, private=True, sticky=False)
+            self.fire(AppEventType.AFTER_CONTRIBUTION_ACCEPT, ctx)
+            if not accepted:
                 raise AssertionError(f"{site} rejected: {getattr(aggregator, 'rejected', {}).get(site)}")
         summed = aggregator.aggregate(ctx)
-        self.global_model = self.server["shareable_generator"].shareable_to_learnable(summed, ctx)
-        ctx = self.server_ctx(rnd)
-        self.server["persistor"].save_model(self.global_model, ctx)
         ctx.set_prop(AppConstants.AGGREGATION_RESULT, summed, private=True, sticky=False)
-        for component in self.server.values():
-            component.handle_event(AppEventType.AFTER_AGGREGATION, ctx)
+        self.fire(AppEventType.AFTER_AGGREGATION, ctx)  # before the generator takes the sum, as ScatterAndGather
+        self.global_model = self.server["shareable_generator"].shareable_to_learnable(summed, ctx)
+        self.server["persistor"].save_model(self.global_model, self.server_ctx(rnd))
+
+    def end(self) -> None:
+        """The job's end at the server (``END_RUN``)."""
+        self.fire(EventType.END_RUN, self.server_ctx())
 
     # --------------------------------------------------------------------------------------------- sites
     def receive(self, site: str, task_bytes: bytes, rnd: int) -> Shareable:

@@ -25,6 +25,7 @@ from hospital_fedlora.he.bfv_context import (
 )
 
 from job_in_process import REPO, JobInProcess
+from kit_keys import TestCA
 
 PACKAGE = Path(__import__("hospital_fedlora").__file__).resolve().parent
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
@@ -45,6 +46,8 @@ DATA_PATH = [
     "he/log_persistor.py",  # server: the entries' ciphertexts read back from disk; the new round appended
 ]
 OBSERVERS = ["server/round_metrics_log.py"]  # reads the aggregate's metadata after each round
+# The audit trail: each hospital signs a receipt of what it sends; the server chains the round into its log.
+AUDIT = ["audit/receipt_filter.py", "audit/receipts.py", "audit/digest.py", "audit/audit_log.py", "audit/chain.py"]
 
 
 def trace_modules(run) -> set[str]:
@@ -90,7 +93,9 @@ def federation(tmp_path_factory, base_model_dir, data_dir):
     root = tmp_path_factory.mktemp("round_path")
     configs = root / "site_configs"
     configs.mkdir()
+    ca = TestCA()  # every hospital's kit key, which signs its receipts
     for site in SITES:
+        ca.write_kit(root / site / "startup", site)
         raw = yaml.safe_load((REPO / "site_configs" / "hospital-a.yaml").read_text())
         raw.update(site=site, base_model_path=str(base_model_dir), privacy={"require_encryption": True})
         raw["data"].update({split: str(data_dir / site / f"{split}.jsonl") for split in ("train", "validation", "test")})
@@ -106,7 +111,7 @@ def federation(tmp_path_factory, base_model_dir, data_dir):
 
 def test_one_round_enters_exactly_the_modules_of_the_data_path(federation):
     entered = trace_modules(lambda: federation.round(1))
-    assert entered == set(DATA_PATH + OBSERVERS)
+    assert entered == set(DATA_PATH + OBSERVERS + AUDIT)
     assert len(DATA_PATH) <= 12
 
 
