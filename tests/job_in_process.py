@@ -137,6 +137,7 @@ class JobInProcess:
             self.fire(AppEventType.AFTER_CONTRIBUTION_ACCEPT, ctx)
             if not accepted:
                 raise AssertionError(f"{site} rejected: {getattr(aggregator, 'rejected', {}).get(site)}")
+        self.fire(AppEventType.BEFORE_AGGREGATION, ctx)
         summed = aggregator.aggregate(ctx)
         ctx.set_prop(AppConstants.AGGREGATION_RESULT, summed, private=True, sticky=False)
         self.fire(AppEventType.AFTER_AGGREGATION, ctx)  # before the generator takes the sum, as ScatterAndGather

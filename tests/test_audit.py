@@ -236,6 +236,31 @@ def test_an_aggregate_that_lists_a_site_without_an_accepted_contribution_is_name
         verify(log)
 
 
+def test_the_server_logs_a_sites_error_reply_and_a_silent_site_when_the_round_closes(tmp_path):
+    from types import SimpleNamespace
+
+    from nvflare.apis.event_type import EventType
+    from nvflare.app_common.app_event_type import AppEventType
+
+    from hospital_fedlora.audit.audit_log import AuditLog
+
+    from flare_harness import Engine, fl_ctx, kit_workspace
+
+    # RoundsWorkflow hands an error reply straight to the aggregator, which records why in ``rejected``.
+    aggregator = SimpleNamespace(rejected={"hospital-b": "site reported EXECUTION_EXCEPTION: CUDA out of memory"})
+    audit = AuditLog()
+    engine = Engine({"aggregator": aggregator, "audit_log": audit}, ["hospital-a", "hospital-b", "hospital-c"],
+                    kit_workspace(tmp_path / "server", "server"))  # fmt: skip
+    for event in (EventType.START_RUN, AppEventType.ROUND_STARTED, AppEventType.BEFORE_AGGREGATION, EventType.END_RUN):
+        audit.handle_event(event, fl_ctx("server", 0, engine, "job-2"))
+    entries = read_chain(tmp_path / "server" / "job-2" / AUDIT_DIR / AUDIT_FILE)
+    assert [e["event"] for e in entries] == ["run_started", "round_started", "contribution", "gathered", "run_ended"]
+    assert entries[2]["site"] == "hospital-b" and not entries[2]["accepted"] and "CUDA out of memory" in entries[2]["reason"]
+    assert entries[3]["answered"] == ["hospital-b"] and entries[3]["silent"] == ["hospital-a", "hospital-c"]
+    report = verify(tmp_path / "server" / "job-2")
+    assert report.notes == [f"{report.log}, line 3: entry 2 (contribution, round 0, hospital-b): rejected: site reported EXECUTION_EXCEPTION: CUDA out of memory"]
+
+
 # ---------------------------------------------------------------------------------------------- command
 def audit_command(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "custom"))
@@ -294,13 +319,14 @@ def encrypted_round(tmp_path_factory, base_model_dir, data_dir, ca):
 def test_a_round_of_the_encrypted_job_leaves_a_log_and_receipts_that_verify(encrypted_round):
     server, sites = encrypted_round["server"], encrypted_round["sites"]
     entries = read_chain(server / AUDIT_DIR / AUDIT_FILE)
-    assert [e["event"] for e in entries] == ["run_started", "round_started"] + ["contribution"] * 3 + ["aggregate", "run_ended"]
+    assert [e["event"] for e in entries] == ["run_started", "round_started"] + ["contribution"] * 3 + ["gathered", "aggregate", "run_ended"]
     index = [json.loads(l) for l in (server / "encrypted_log" / "log.jsonl").read_text().splitlines()]
-    assert entries[5]["digest"] == index[0]["sha256"]  # the aggregate is the round the encrypted log holds
+    assert entries[5]["answered"] == sorted(sites) and entries[5]["silent"] == []
+    assert entries[6]["digest"] == index[0]["sha256"]  # the aggregate is the round the encrypted log holds
     assert all(e["signed_receipt"]["receipt"]["log_head"] == {"seq": 1, "hash": entries[1]["hash"]} for e in entries[2:5])
     done = audit_command(server, *sites.values(), "--root-ca", encrypted_round["root_ca"])
     assert done.returncode == 0, done.stderr
-    assert "7 entries, chain intact; job job-in-process, 1 rounds, 3 contributions accepted, 0 rejected, 3 hospital signatures valid (each certificate issued by the given root CA)" in done.stdout
+    assert "8 entries, chain intact; job job-in-process, 1 rounds, 3 contributions accepted, 0 rejected, 3 hospital signatures valid (each certificate issued by the given root CA)" in done.stdout
     assert "round 0: aggregate of hospital-a, hospital-b, hospital-c, digest" in done.stdout and "the same as the encrypted log's" in done.stdout
 
 

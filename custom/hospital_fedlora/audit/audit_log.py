@@ -2,8 +2,8 @@
 
 It records when the job and each round start, every contribution (site, round, example count, digest of
 what arrived, accepted or the aggregator's reason for rejecting it, and the hospital's signed receipt
-from the result's header), each round's aggregate (participants, example counts, digest) and the job's
-end. The run folder comes back in the job result the admin downloads; ``python -m hospital_fedlora.audit
+from the result's header), who answered and who stayed silent when the round closes, each round's
+aggregate (participants, example counts, digest) and the job's end. The run folder comes back in the job result the admin downloads; ``python -m hospital_fedlora.audit
 verify`` checks it. Every train task carries the log's head so a hospital's receipt pins the log as it was.
 """
 
@@ -38,6 +38,7 @@ class AuditLog(FLComponent):
         super().__init__()
         self.aggregator_id = aggregator_id
         self.chain: AuditChain | None = None
+        self._logged: set[tuple] = set()  # (round, site) of every contribution entry written
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type not in _HANDLERS:
@@ -94,11 +95,26 @@ class AuditLog(FLComponent):
         if record is None:
             return
         accepted = bool(fl_ctx.get_prop(AppConstants.AGGREGATION_ACCEPTED))
-        reason = None
-        if not accepted:
-            aggregator = fl_ctx.get_engine().get_component(self.aggregator_id)
-            reason = getattr(aggregator, "rejected", {}).get(record["site"]) or "the aggregator gave no reason"
+        reason = None if accepted else self._rejected(fl_ctx).get(record["site"]) or "the aggregator gave no reason"
+        self._contribution(record, accepted, reason)
+
+    def _contribution(self, record: dict, accepted: bool, reason: str | None) -> None:
         self.chain.append("contribution", **record, accepted=accepted, reason=reason)
+        self._logged.add((record["round"], record["site"]))
+
+    def _rejected(self, fl_ctx: FLContext) -> dict:
+        return dict(getattr(fl_ctx.get_engine().get_component(self.aggregator_id), "rejected", None) or {})
+
+    def _gathered(self, fl_ctx: FLContext) -> None:
+        # A site's error reply reaches the aggregator without the contribution events: log it from there.
+        rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        for site, reason in sorted(self._rejected(fl_ctx).items()):
+            if (rnd, site) not in self._logged:
+                empty = {"round": rnd, "site": site, "data_kind": None, "digest": None, "example_count": None}
+                self._contribution({**empty, "signed_receipt": None}, False, reason)
+        answered = sorted(site for r, site in self._logged if r == rnd)
+        silent = sorted({c.name for c in fl_ctx.get_engine().get_clients()} - set(answered))
+        self.chain.append("gathered", round=rnd, answered=answered, silent=silent)
 
     def _aggregated(self, fl_ctx: FLContext) -> None:
         dxo = from_shareable(fl_ctx.get_prop(AppConstants.AGGREGATION_RESULT))
@@ -123,6 +139,7 @@ _HANDLERS = {
     AppEventType.BEFORE_TRAIN_TASK: AuditLog._stamp_task,
     AppEventType.BEFORE_CONTRIBUTION_ACCEPT: AuditLog._before_accept,
     AppEventType.AFTER_CONTRIBUTION_ACCEPT: AuditLog._after_accept,
+    AppEventType.BEFORE_AGGREGATION: AuditLog._gathered,
     AppEventType.AFTER_AGGREGATION: AuditLog._aggregated,
     EventType.END_RUN: AuditLog._end,
 }

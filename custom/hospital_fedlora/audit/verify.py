@@ -81,6 +81,7 @@ def verify(result: Path, receipts: tuple[Path, ...] = (), root_ca: x509.Certific
 _EVENT_FIELDS = {
     "round_started": {"round": int},
     "contribution": {"round": int, "site": str, "accepted": bool},
+    "gathered": {"round": int, "answered": list, "silent": list},
     "aggregate": {"round": int, "participants": list, "example_counts": dict, "digest": str},
 }
 
