@@ -25,11 +25,13 @@ PASSED_THROUGH_META = (Meta.METRICS, Meta.ADAPTER_CONFIG)
 class EncryptFilter(DXOFilter):
     """Encrypts a ``train`` result's adapter change (``WEIGHT_DIFF``) with the hospital's key.
 
-    Clips the change to the job's bound, scales it by the site's weight factor, rounds it stochastically
-    to int8/int16 on the scale all sites share, packs several integers per slot, encrypts them and tags
-    them with the round. The DXO becomes ``EncryptedKind.DIFF`` with data ``{chunks: [bytes, ...]}``; in the
-    clear stay the example count and weight factor, the adapter layout, the value count, the site's
-    training metrics and the adapter config (what the server checks and logs).
+    Refuses a change with NaN or infinite values (the server could not tell), clips every value to the
+    job's bound (so the change's L2 norm is at most ``clip * sqrt(values)``), scales it by the site's
+    weight factor, rounds it stochastically to int8/int16 on the scale all sites share, packs several
+    integers per slot, encrypts them and tags them with the round. The DXO becomes ``EncryptedKind.DIFF``
+    with data ``{chunks: [bytes, ...]}``; in the clear stay the example count and weight factor, the
+    adapter layout, the value count, the site's training metrics and the adapter config (what the server
+    checks and logs).
 
     Args:
         encryption_id: id of the job's ``site_key.SiteEncryption`` component (key and settings).
@@ -74,6 +76,15 @@ class EncryptFilter(DXOFilter):
                 "in the average (raise full_weight in the job to give it its full share)",
             )
         tensors = {k: _as_tensor(v) for k, v in dxo.data.items()}
+        # The server cannot see values under encryption, so this is the only place a NaN or infinity can be
+        # stopped; raising makes FLARE answer the task with TASK_RESULT_FILTER_ERROR, and nothing is sent.
+        bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(
+                f"{site} round {rnd}: the adapter change has NaN or infinite values in {len(bad)} tensors "
+                f"({', '.join(bad[:3])}); nothing was encrypted or sent. The local training diverged: check this "
+                "site's data and lower the job's learning_rate"
+            )
         layout = AdapterLayout.from_tensors(tensors)
         plan = key.plan
         q = quantize(tensors, s.clip, plan.bits, rounding_generator(s.rounding_seed, site, rnd), weight=weight)
