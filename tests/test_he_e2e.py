@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +136,20 @@ def test_an_overflow_prone_setting_stops_the_job_naming_the_setting(federation, 
     )
     refused = "Processing error from Task Data Filters : RuntimeError: encryption is not set up at this site"
     assert any(setup_failed in log and refused in log for log in logs.values()), logs
+
+
+@pytest.mark.parametrize("job", ["fedlora_he", "fedlora_plain"])
+def test_the_job_result_holds_an_audit_log_that_verifies_with_every_hospitals_receipts(runs, deployed_kits, job):
+    run, job_id = runs[job]["run"], runs[job]["job_id"]
+    assert (run / "audit" / "audit.jsonl").is_file()
+    receipts = [deployed_kits.clients[s] / job_id for s in SITES]  # each hospital's run folder holds audit/receipts.jsonl
+    root_ca = deployed_kits.clients[SITES[0]] / "startup" / "rootCA.pem"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "custom"))
+    done = subprocess.run(
+        [sys.executable, "-m", "hospital_fedlora.audit", "verify", str(run), *map(str, receipts), "--root-ca", str(root_ca)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    n = len(SITES) * ROUNDS
+    assert f"{ROUNDS} rounds, {n} contributions accepted, 0 rejected, {n} hospital signatures valid (each certificate issued by the given root CA)" in done.stdout
+    assert done.stdout.count(f"{ROUNDS} receipts of hospital-") == len(SITES)
