@@ -309,7 +309,16 @@ def encrypted_round(tmp_path_factory, base_model_dir, data_dir, ca):
              "server": {SERVER_CONTEXT_FILE: serialize_context(made, secret=False)}}  # fmt: skip
     recipe = {"lora_executor": {"recipe": {"local_steps": 1, "max_eval_examples": 2}}}
     fed = JobInProcess(REPO / "jobs" / "fedlora_he", root, sites, files, site_configs=configs, client_args=recipe)
-    fed.round(0)
+
+    def uploads(rnd: int, who: list[str]) -> dict[str, bytes]:
+        task = fed.task_data(rnd)
+        return {s: fed.send(s, fed.train(s, fed.receive(s, task, rnd), rnd), rnd) for s in who}
+
+    first = uploads(0, sites)
+    fed.aggregate(0, first)
+    replayed = uploads(1, sites[:2]) | {"hospital-c": first["hospital-c"]}  # its round-0 upload sent again
+    with pytest.raises(AssertionError, match="hospital-c rejected"):
+        fed.aggregate(1, replayed)
     fed.end()
     run = lambda name: Path(fed.sites[name].engine.workspace.get_run_dir("job-in-process")) if name in fed.sites else None  # noqa: E731
     server_run = Path(fed.server_engine.workspace.get_run_dir("job-in-process"))
@@ -319,14 +328,21 @@ def encrypted_round(tmp_path_factory, base_model_dir, data_dir, ca):
 def test_a_round_of_the_encrypted_job_leaves_a_log_and_receipts_that_verify(encrypted_round):
     server, sites = encrypted_round["server"], encrypted_round["sites"]
     entries = read_chain(server / AUDIT_DIR / AUDIT_FILE)
-    assert [e["event"] for e in entries] == ["run_started", "round_started"] + ["contribution"] * 3 + ["gathered", "aggregate", "run_ended"]
+    round_0 = ["round_started"] + ["contribution"] * 3 + ["gathered", "aggregate"]
+    round_1 = ["round_started"] + ["contribution"] * 3  # the replay is rejected: the harness stops the round
+    assert [e["event"] for e in entries] == ["run_started", *round_0, *round_1, "run_ended"]
+    replay = entries[-2]
+    assert (replay["site"], replay["round"], replay["accepted"]) == ("hospital-c", 1, False) and replay["reason"]
+    assert replay["digest"] == entries[2 + [e.get("site") for e in entries[2:5]].index("hospital-c")]["digest"]
     index = [json.loads(l) for l in (server / "encrypted_log" / "log.jsonl").read_text().splitlines()]
     assert entries[5]["answered"] == sorted(sites) and entries[5]["silent"] == []
     assert entries[6]["digest"] == index[0]["sha256"]  # the aggregate is the round the encrypted log holds
     assert all(e["signed_receipt"]["receipt"]["log_head"] == {"seq": 1, "hash": entries[1]["hash"]} for e in entries[2:5])
     done = audit_command(server, *sites.values(), "--root-ca", encrypted_round["root_ca"])
     assert done.returncode == 0, done.stderr
-    assert "8 entries, chain intact; job job-in-process, 1 rounds, 3 contributions accepted, 0 rejected, 3 hospital signatures valid (each certificate issued by the given root CA)" in done.stdout
+    assert "12 entries, chain intact; job job-in-process, 2 rounds, 5 contributions accepted, 1 rejected, 5 hospital signatures valid (each certificate issued by the given root CA)" in done.stdout
+    assert f"entry 10 (contribution, round 1, hospital-c): rejected: {replay['reason']}" in done.stdout
+    assert "entry 10 (contribution, round 1, hospital-c): the hospital signed round 0, the log has 1 (it was rejected" in done.stdout
     assert "round 0: aggregate of hospital-a, hospital-b, hospital-c, digest" in done.stdout and "the same as the encrypted log's" in done.stdout
 
 
@@ -338,8 +354,9 @@ def test_a_server_that_drops_a_hospitals_contribution_from_the_log_is_caught_by_
     log = server / AUDIT_DIR / AUDIT_FILE
     entries = lines(log)
     kept = [e for e in entries if e.get("site") != "hospital-c"]
-    kept[-2]["participants"] = ["hospital-a", "hospital-b"]
-    kept[-2]["example_counts"].pop("hospital-c")
+    aggregate = next(e for e in kept if e["event"] == "aggregate")
+    aggregate["participants"] = ["hospital-a", "hospital-b"]
+    aggregate["example_counts"].pop("hospital-c")
     rewrite(log, kept, rehash=True)
     receipts = encrypted_round["sites"]["hospital-c"] / AUDIT_DIR / RECEIPTS_FILE
     done = audit_command(server, encrypted_round["sites"]["hospital-c"])

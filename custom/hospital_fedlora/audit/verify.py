@@ -50,9 +50,15 @@ def verify(result: Path, receipts: tuple[Path, ...] = (), root_ca: x509.Certific
             continue
         contributions[(e["round"], e["site"])].append(e)
         if e.get("signed_receipt") is not None:
-            receipt = check_signed_receipt(e["signed_receipt"], f"{where[e['seq']]}, the hospital's signature", root_ca)
-            _match(receipt, e, report.job_id, entries, where[e["seq"]], "the hospital signed")
-            signed += 1
+            try:
+                receipt = check_signed_receipt(e["signed_receipt"], f"{where[e['seq']]}, the hospital's signature", root_ca)
+                _match(receipt, e, report.job_id, entries, where[e["seq"]], "the hospital signed")
+                signed += 1
+            except AuditError as err:
+                if e.get("accepted"):
+                    raise
+                # A rejected contribution counts for nothing; a replayed or garbled one is logged as it came.
+                report.notes.append(f"{err} (it was rejected: nothing of it was aggregated)")
         elif e.get("accepted") and not allow_unsigned:
             raise AuditError(
                 f"{where[e['seq']]}: an accepted contribution without the hospital's signature; the site ran no "
