@@ -19,7 +19,7 @@ from hospital_fedlora.audit.digest import contribution_digest
 from hospital_fedlora.audit.receipts import KitSigner, check_signed_receipt
 from hospital_fedlora.audit.verify import verify
 from hospital_fedlora.he.wire_format import chunks_digest
-from hospital_fedlora.protocol import Data
+from hospital_fedlora.protocol import RECEIPT_HEADER, Data, Meta
 
 from kit_keys import TestCA
 
@@ -261,6 +261,34 @@ def test_the_server_logs_a_sites_error_reply_and_a_silent_site_when_the_round_cl
     assert report.notes == [f"{report.log}, line 3: entry 2 (contribution, round 0, hospital-b): rejected: site reported EXECUTION_EXCEPTION: CUDA out of memory"]
 
 
+def test_a_hospital_without_its_own_kit_key_sends_nothing_in_secure_mode_and_unsigned_in_the_simulator(tmp_path, ca):
+    from nvflare.apis.dxo import DXO, DataKind
+    from nvflare.apis.event_type import EventType
+    from nvflare.apis.fl_constant import FLContextKey
+
+    from hospital_fedlora.audit.receipt_filter import ReceiptFilter
+
+    from flare_harness import Engine, fl_ctx, kit_workspace
+
+    def started(site: str, secure: bool) -> tuple[ReceiptFilter, object]:
+        f = ReceiptFilter()
+        ctx = fl_ctx(site, 0, Engine({}, [site], kit_workspace(tmp_path / site, site)), "job-3")
+        ctx.set_prop(FLContextKey.SECURE_MODE, secure, private=True, sticky=False)
+        f.handle_event(EventType.START_RUN, ctx)
+        return f, ctx
+
+    result = DXO(DataKind.WEIGHT_DIFF, data={"w": np.zeros(2, dtype=np.float32)}, meta={Meta.EXAMPLE_COUNT: 3})
+    keyless, ctx = started("hospital-a", secure=True)
+    with pytest.raises(RuntimeError, match=r"cannot sign the result's receipt: hospital-a: .*startup/client.key not found"):
+        keyless.process(result.to_shareable(), ctx)
+    simulator, ctx = started("hospital-b", secure=False)
+    assert simulator.process(result.to_shareable(), ctx).get_header(RECEIPT_HEADER) is None
+    ca.write_kit(tmp_path / "hospital-c" / "startup", "hospital-a")  # hospital-a's kit at hospital-c
+    borrowed, ctx = started("hospital-c", secure=True)
+    with pytest.raises(RuntimeError, match="hospital-c: the kit's certificate is for 'hospital-a'; this site must run on its own kit"):
+        borrowed.process(result.to_shareable(), ctx)
+
+
 # ---------------------------------------------------------------------------------------------- command
 def audit_command(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "custom"))
@@ -353,8 +381,10 @@ def test_a_server_that_drops_a_hospitals_contribution_from_the_log_is_caught_by_
     shutil.copytree(encrypted_round["server"], server)
     log = server / AUDIT_DIR / AUDIT_FILE
     entries = lines(log)
-    kept = [e for e in entries if e.get("site") != "hospital-c"]
-    aggregate = next(e for e in kept if e["event"] == "aggregate")
+    # drop hospital-c's round-0 contribution and cut the log after that round, then rebuild the chain
+    end = next(e["seq"] for e in entries if e["event"] == "aggregate")
+    kept = [e for e in entries[: end + 1] if e.get("site") != "hospital-c"]
+    aggregate = kept[-1]
     aggregate["participants"] = ["hospital-a", "hospital-b"]
     aggregate["example_counts"].pop("hospital-c")
     rewrite(log, kept, rehash=True)
