@@ -38,7 +38,7 @@ def verify(result: Path, receipts: tuple[Path, ...] = (), root_ca: x509.Certific
     if entries[0]["event"] != "run_started" or not entries[0].get("job_id"):
         raise AuditError(f"{where[0]}: the first entry must be run_started with the job id")
     report = Report(path, str(entries[0]["job_id"]))
-    anchor = "each certificate issued by the given root CA" if root_ca else "certificates not checked against a root CA (--root-ca)"
+    anchor = "each certificate issued by the given root CA" if root_ca else "certificates not checked against a root CA: give --root-ca"
     contributions: dict[tuple[int, str], list[dict]] = defaultdict(list)
     rounds: set[int] = set()
     signed = 0
