@@ -67,3 +67,22 @@ def test_a_job_recipe_names_only_what_differs_from_the_shipped_recipe(job):
     defaults = TrainingRecipe().model_dump(mode="json")
     for key, value in recipe_of(job).items():
         assert defaults.get(key) != value, f"{job.name}: recipe field {key!r} repeats the default"
+
+
+def workflow_args(job: Path, path: str) -> dict:
+    server = json.loads((job / "app/config/config_fed_server.json").read_text())
+    return next(w["args"] for w in server["workflows"] if w["path"] == path)
+
+
+@pytest.mark.parametrize("job", [REPO / "jobs" / "fedlora_he", REPO / "jobs" / "fedlora_plain"], ids=lambda p: p.name)
+def test_a_job_has_one_minimum_and_bounded_waits(job):
+    """One absent hospital must neither stall the federation nor end it: the round's minimum is set once."""
+    args = workflow_args(job, "hospital_fedlora.server.rounds_workflow.RoundsWorkflow")
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["min_clients"] == args["min_clients"] >= 2  # FLARE ends a job whose live sites fall below meta's
+    assert args["train_timeout"] > 0 and args["wait_time_after_min_received"] > 0
+    assert args["ignore_result_error"] is None  # a failed site is dropped from the round while the minimum holds
+    assert 0 < workflow_args(job, "nvflare.app_common.workflows.global_model_eval.GlobalModelEval")["validation_timeout"] <= 3600
+    server = json.loads((job / "app/config/config_fed_server.json").read_text())
+    aggregator = next(c for c in server["components"] if c["id"] == "aggregator")
+    assert "min_contributions" not in aggregator["args"]  # the workflow gives the aggregator its minimum

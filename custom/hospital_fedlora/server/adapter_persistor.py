@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,10 +10,11 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.abstract.model_persistor import ModelPersistor
 from nvflare.app_common.app_constant import AppConstants
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from ..adapter_files import GLOBAL_ADAPTER_DIR, load_peft_adapter, save_peft_adapter
 from ..protocol import Meta
+from .earlier_run import earlier_run_dir
 
 ROUNDS_DIR = "adapter_rounds"
 
@@ -26,13 +28,22 @@ class AdapterPersistor(ModelPersistor):
     ``InitializeGlobalWeights`` takes the seeded initial adapter from the sites (the server needs no base
     model).
 
+    With ``resume_from`` (the id of an earlier run of this job whose run folder is still on the server, as
+    a crashed server leaves it) it starts from that run's last saved round, copies its round files into
+    this run and reports ``resumed_rounds``, after which the job's ``RoundsWorkflow`` continues.
+
     Args:
         initial_adapter: a PEFT adapter folder to continue from (e.g. a previous job's result).
+        resume_from: job id of an earlier run this run continues (``deploy/resume_job`` sets it).
     """
 
-    def __init__(self, initial_adapter: str = ""):
+    def __init__(self, initial_adapter: str = "", resume_from: str = ""):
         super().__init__()
+        if initial_adapter and resume_from:
+            raise ValueError("set initial_adapter or resume_from, not both: a resumed run continues its own rounds")
         self.initial_adapter = initial_adapter
+        self.resume_from = resume_from
+        self.resumed_rounds = 0
         self._adapter_config: dict | None = None
         self._latest: ModelLearnable | None = None
 
@@ -40,10 +51,27 @@ class AdapterPersistor(ModelPersistor):
         return Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
 
     def load_model(self, fl_ctx: FLContext) -> ModelLearnable:
+        if self.resume_from:
+            return self._resume(fl_ctx)
         if not self.initial_adapter:
             return ModelLearnable()
         weights, self._adapter_config = load_peft_adapter(Path(self.initial_adapter))
         self.log_info(fl_ctx, f"starting from adapter {self.initial_adapter} ({len(weights)} tensors)")
+        return make_model_learnable(weights, {Meta.ADAPTER_CONFIG: self._adapter_config})
+
+    def _resume(self, fl_ctx: FLContext) -> ModelLearnable:
+        earlier = earlier_run_dir(self._run_dir(fl_ctx), self.resume_from, ROUNDS_DIR)
+        files = sorted((earlier / ROUNDS_DIR).glob("round_*.safetensors"))
+        rounds = [int(f.stem.removeprefix("round_")) for f in files]
+        if rounds != list(range(len(rounds))) or not rounds:
+            raise ValueError(f"{earlier / ROUNDS_DIR}: rounds {rounds} are not 0, 1, 2, ...; cannot tell where to resume")
+        _, self._adapter_config = load_peft_adapter(earlier / GLOBAL_ADAPTER_DIR)
+        (self._run_dir(fl_ctx) / ROUNDS_DIR).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, self._run_dir(fl_ctx) / ROUNDS_DIR / f.name)
+        weights = {k: v.copy() for k, v in load_file(str(files[-1])).items()}
+        self.resumed_rounds = len(rounds)
+        self.log_info(fl_ctx, f"resuming job {self.resume_from} after round {rounds[-1]} ({files[-1]})")
         return make_model_learnable(weights, {Meta.ADAPTER_CONFIG: self._adapter_config})
 
     def save_model(self, model: ModelLearnable, fl_ctx: FLContext) -> None:

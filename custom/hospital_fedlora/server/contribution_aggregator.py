@@ -31,7 +31,8 @@ class ContributionAggregator(Aggregator):
     round's example counts and each site's training metrics in its metadata.
 
     Args:
-        min_contributions: accepted contributions needed per round; 0 means every site in the job.
+        min_contributions: accepted contributions needed per round; 0 means every site in the job. The
+            jobs leave it 0: their ``RoundsWorkflow`` sets it to the workflow's ``min_clients``.
     """
 
     expected_kind = ""
@@ -151,13 +152,22 @@ class ContributionAggregator(Aggregator):
             return f"a result for task {task_id} of round {rnd}, the current round is {current} (late or replayed)"
         return None
 
+    def silent(self, sites) -> list[str]:
+        """The sites among ``sites`` that sent nothing this round (neither accepted nor rejected)."""
+        return [s for s in sites if s not in self.example_counts and s not in self.rejected]
+
     # ---------------------------------------------------------------------------------------- aggregating
     def aggregate(self, fl_ctx: FLContext) -> Shareable:
         rnd = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        required = self.min_contributions or len(fl_ctx.get_engine().get_clients())
+        engine = fl_ctx.get_engine()
+        sites = sorted(c.name for c in engine.get_clients()) if engine is not None else []
+        required = self.min_contributions or len(sites)
         if len(self.example_counts) < required:
-            rejected = "; ".join(f"{s}: {r}" for s, r in self.rejected.items()) or "none rejected, too few arrived"
-            reason = f"round {rnd}: {len(self.example_counts)} accepted contributions, {required} required ({rejected})"
+            why = [f"{s}: {r}" for s, r in self.rejected.items()] + [f"{s}: no answer" for s in self.silent(sites)]
+            reason = (
+                f"round {rnd}: {len(self.example_counts)} accepted contributions, {required} required "
+                f"({'; '.join(why) or 'no site answered'})"
+            )
             self.system_panic(reason, fl_ctx)
             raise RuntimeError(reason)
         dxo = self.result(fl_ctx)
