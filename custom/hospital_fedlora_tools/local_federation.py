@@ -80,6 +80,7 @@ class LocalFederation:
         self.session = None
         self._pgids: list[int] = []
         self._console_offsets: dict[Path, int] = {}
+        self._down: set[Path] = set()  # kits stopped on purpose (fault tests): not an error while a job runs
         self._num_rounds: dict[str, int | None] = {}
         self._old_handlers: dict = {}
         self._deferring = False
@@ -115,6 +116,7 @@ class LocalFederation:
     def start_kit(self, kit: Path) -> None:
         """Start one more kit (e.g. a hospital joining late) with its own ``startup/start.sh``."""
         kit = Path(kit)
+        self._down.discard(kit)
         clear_stale_pid_files(kit)
         env = dict(os.environ)
         env[MARKER_VAR] = self.token
@@ -134,6 +136,32 @@ class LocalFederation:
             )
         self._pgids.append(proc.pid)
         proc.wait()  # start.sh only backgrounds sub_start.sh and returns
+
+    def kill_kit(self, kit: Path, timeout: float = 30.0) -> list[int]:
+        """A power loss: SIGKILL to every process of ``kit`` (watchdog, FLARE, job processes) at once.
+        ``start_kit`` brings it back."""
+        kit = Path(kit)
+        self._down.add(kit)
+        pids = self.signal_kit(kit, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while self.kit_processes(kit):
+            if time.monotonic() > deadline:
+                raise FederationError(f"{kit.name}: processes {self.kit_processes(kit)} survived SIGKILL")
+            time.sleep(0.2)
+        return pids
+
+    def signal_kit(self, kit: Path, sig: int) -> list[int]:
+        """Send ``sig`` to every process of ``kit`` (SIGSTOP/SIGCONT freeze and thaw it: a hang)."""
+        pids = self.kit_processes(kit)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        return pids
+
+    def kit_processes(self, kit: Path) -> list[int]:
+        return [pid for pid in self.processes() if belongs_to(pid, Path(kit))]
 
     def connect(self, admin_kit: Path, username: str, timeout: float = 60.0):
         """A FLARE API session for ``username``, retried until the server answers or ``timeout`` passes."""
@@ -226,7 +254,8 @@ class LocalFederation:
                 if timeout and time.monotonic() - start > timeout:
                     raise FederationError(f"job {job_id} still {status} after {timeout:.0f} s")
                 for kit in [self.kits.server, *self.clients.values()]:
-                    self._check_alive(kit)
+                    if kit not in self._down:
+                        self._check_alive(kit)
                 time.sleep(poll_interval)
         finally:
             log.close()

@@ -138,16 +138,29 @@ def find_kits(prod_dir: str | Path, project: dict[str, Any] | None = None) -> Ki
 
 
 # ------------------------------------------------------------------------------------- kit preparation
+# FLARE's parent processes live for months and relay every message: they release freed memory regularly.
+MEMORY_KEEPER = {"id": "memory_keeper", "path": "hospital_fedlora.deploy.memory_keeper.MemoryKeeper", "args": {}}
+# A job a crashed server left RUNNING is marked finished when the server starts again, so it can be resumed.
+INTERRUPTED_JOBS = {"id": "interrupted_jobs", "path": "hospital_fedlora.deploy.interrupted_jobs.InterruptedJobs", "args": {}}
+
+
 def local_resources(kit: Path) -> dict[str, Any]:
-    """``resources.json`` for ``kit``: FLARE's default, storage inside the kit, our package allowed."""
+    """``resources.json`` for ``kit``: FLARE's default, storage inside the kit, our package allowed, the
+    parent process's memory released regularly (``deploy/memory_keeper.py``) and, at the server, jobs a
+    crash left running marked finished (``deploy/interrupted_jobs.py``)."""
     default = kit / "local" / "resources.json.default"
     try:
         resources = json.loads(default.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise KitError(f"{default}: cannot read the provisioned resources: {err}") from None
-    if (kit / "startup" / "fed_server.json").is_file():
+    server = (kit / "startup" / "fed_server.json").is_file()
+    if server:
         for keys, folder in SERVER_STORAGE:
             _set(resources, keys, str((kit / "storage" / folder).resolve()), default)
+    components = resources.setdefault("components", [])
+    for added in [MEMORY_KEEPER, INTERRUPTED_JOBS] if server else [MEMORY_KEEPER]:
+        if not any(c.get("id") == added["id"] for c in components if isinstance(c, dict)):
+            components.append(dict(added))
     allow = resources.get("class_allow_list")
     if isinstance(allow, list) and "*" not in allow and PACKAGE_ALLOW_PREFIX not in allow:
         allow.append(PACKAGE_ALLOW_PREFIX)
