@@ -20,6 +20,7 @@ from nvflare.app_common.app_constant import AppConstants
 from ..adapter_files import GLOBAL_ADAPTER_DIR, save_peft_adapter
 from ..adapter_layout import AdapterLayout
 from ..config import ConfigError, SiteConfig, load_site_config, parse_recipe
+from ..memory import release_memory
 from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, Meta, Metric
 from .dataset import load_records
 from .model_loading import apply_lora, choose_placement, load_base_model
@@ -234,6 +235,7 @@ class LoraExecutor(Executor):
             f"{val_global:.4f} -> {val_local:.4f}",
         )
         diff = subtract(get_adapter_state(t.model), global_state)
+        release_memory()  # a round's activations and batches, freed: keep the process flat over many rounds
         # The rest of a round's wall time is FLARE's (messaging, filters, aggregation, persistence).
         metrics[Metric.TASK_SECONDS] = time.perf_counter() - started
         meta = {
