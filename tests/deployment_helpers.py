@@ -43,11 +43,12 @@ def provision_into(folder: Path, port: int, site_configs: Path | None, extra_cli
     return prepare_kits(prod_dir, site_configs, project)
 
 
-def write_site_configs(folder: Path, base_model: Path, data: Path, sites=SITES) -> Path:
-    """Site configs like the committed ones, pointing at ``base_model`` and ``data``."""
+def write_site_configs(folder: Path, base_model: Path, data: Path, sites=SITES, **fields) -> Path:
+    """Site configs like the committed ones, pointing at ``base_model`` and ``data``, with ``fields`` set."""
     folder.mkdir(parents=True, exist_ok=True)
     for site in sites:
         raw = yaml.safe_load((REPO / "site_configs" / "hospital-a.yaml").read_text())
+        raw.update(fields)
         raw["site"] = site
         raw["base_model_path"] = str(base_model)
         for split in ("train", "validation", "test"):

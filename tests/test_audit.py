@@ -12,16 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from kit_keys import TestCA
 
-from hospital_fedlora.audit.chain import AUDIT_DIR, AUDIT_FILE, RECEIPTS_FILE, AuditChain, AuditError, canonical, entry_hash, read_chain, utc_now
+from hospital_fedlora.audit.chain import (
+    AUDIT_DIR,
+    AUDIT_FILE,
+    RECEIPTS_FILE,
+    AuditChain,
+    AuditError,
+    canonical,
+    entry_hash,
+    read_chain,
+    utc_now,
+)
 from hospital_fedlora.audit.digest import contribution_digest
 from hospital_fedlora.audit.receipts import KitSigner, check_signed_receipt
 from hospital_fedlora.audit.verify import verify
 from hospital_fedlora.he.wire_format import chunks_digest
 from hospital_fedlora.protocol import RECEIPT_HEADER, Data, Meta
-
-from kit_keys import TestCA
 
 SITES = ["hospital-a", "hospital-b"]
 
@@ -318,20 +326,24 @@ def test_the_command_exits_0_when_all_checks_out_and_1_naming_the_entry_otherwis
 @pytest.fixture(scope="module")
 def encrypted_round(tmp_path_factory, base_model_dir, data_dir, ca):
     """One round of ``jobs/fedlora_he`` through its real components; every hospital on its own kit key."""
-    from hospital_fedlora.he.bfv_context import CLIENT_CONTEXT_FILE, SERVER_CONTEXT_FILE, BFVParams, make_context, serialize_context
+    from hospital_fedlora.he.bfv_context import (
+        CLIENT_CONTEXT_FILE,
+        SERVER_CONTEXT_FILE,
+        BFVParams,
+        make_context,
+        serialize_context,
+    )
 
+    from deployment_helpers import write_site_configs
     from job_in_process import REPO, JobInProcess
 
     sites = ["hospital-a", "hospital-b", "hospital-c"]
     root = tmp_path_factory.mktemp("audit_job")
-    configs = root / "site_configs"
-    configs.mkdir()
     for site in sites:
         ca.write_kit(root / site / "startup", site)
-        raw = yaml.safe_load((REPO / "site_configs" / "hospital-a.yaml").read_text())
-        raw.update(site=site, base_model_path=str(base_model_dir), privacy={"require_encryption": True})
-        raw["data"].update({split: str(data_dir / site / f"{split}.jsonl") for split in ("train", "validation", "test")})
-        (configs / f"{site}.yaml").write_text(yaml.safe_dump(raw))
+    configs = write_site_configs(
+        root / "site_configs", base_model_dir, data_dir, sites, privacy={"require_encryption": True}
+    )
     made = make_context(BFVParams(), n_threads=1)
     files = {"client": {CLIENT_CONTEXT_FILE: serialize_context(made, secret=True)},
              "server": {SERVER_CONTEXT_FILE: serialize_context(made, secret=False)}}  # fmt: skip

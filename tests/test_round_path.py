@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
+from kit_keys import TestCA
 from nvflare.apis.dxo import from_shareable
 
 from hospital_fedlora.he.bfv_context import (
@@ -24,8 +24,8 @@ from hospital_fedlora.he.bfv_context import (
     serialize_context,
 )
 
+from deployment_helpers import write_site_configs
 from job_in_process import REPO, JobInProcess
-from kit_keys import TestCA
 
 PACKAGE = Path(__import__("hospital_fedlora").__file__).resolve().parent
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
@@ -92,15 +92,12 @@ def trace_modules(run) -> set[str]:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, base_model_dir, data_dir):
     root = tmp_path_factory.mktemp("round_path")
-    configs = root / "site_configs"
-    configs.mkdir()
     ca = TestCA()  # every hospital's kit key, which signs its receipts
     for site in SITES:
         ca.write_kit(root / site / "startup", site)
-        raw = yaml.safe_load((REPO / "site_configs" / "hospital-a.yaml").read_text())
-        raw.update(site=site, base_model_path=str(base_model_dir), privacy={"require_encryption": True})
-        raw["data"].update({split: str(data_dir / site / f"{split}.jsonl") for split in ("train", "validation", "test")})
-        (configs / f"{site}.yaml").write_text(yaml.safe_dump(raw))
+    configs = write_site_configs(
+        root / "site_configs", base_model_dir, data_dir, SITES, privacy={"require_encryption": True}
+    )
     made = make_context(BFVParams(), n_threads=1)
     keys = {"client": serialize_context(made, secret=True), "server": serialize_context(made, secret=False)}
     recipe = {"lora_executor": {"recipe": {"local_steps": 2, "max_eval_examples": 4}}}

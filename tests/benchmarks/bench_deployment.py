@@ -33,15 +33,12 @@ from hospital_fedlora_tools.local_federation import LocalFederation  # noqa: E40
 
 from bench_round_overhead import round_overheads, summarize  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deployment_helpers import free_port, project_with_port  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -90,11 +87,7 @@ def main(argv=None) -> int:
     (REPO / "workspace").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=REPO / "workspace", prefix="bench-deploy-") as tmp:
         tmp = Path(tmp)
-        project = yaml.safe_load((REPO / "provisioning" / "project.yml").read_text())
-        port = _free_port()
-        for participant in project["participants"]:
-            if participant["type"] == "server":
-                participant["fed_learn_port"] = participant["admin_port"] = port
+        project = project_with_port(free_port())
         (tmp / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
         job = derive_job(REPO / "jobs" / "fedlora_plain", tmp, args.rounds, args.steps)
 

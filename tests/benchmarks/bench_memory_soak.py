@@ -46,6 +46,9 @@ from hospital_fedlora_tools.process_table import belongs_to, cmdline
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_round_overhead import round_walls  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from deployment_helpers import free_port, project_with_port  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 TARGET_MB_PER_100_ROUNDS = 20.0
 # The least a round can do and still train: one optimizer step of two examples, four validation examples.
@@ -64,12 +67,6 @@ _MODULES = {
 _SAVED = re.compile(r"round (\d+): encrypted aggregate saved to \S+ \(([\d,]+) bytes\)")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def soak_job(dst: Path, rounds: int) -> Path:
@@ -140,7 +137,7 @@ def probe(pids: dict[str, int]) -> dict[str, dict]:
     heap the allocator kept); RSS after a full ``gc.collect()`` and another trim (unreachable Python objects
     the cyclic collector had not reached yet). What is left is memory the process still uses.
     """
-    rss = f"shell grep VmRSS /proc/{{pid}}/status"
+    rss = "shell grep VmRSS /proc/{pid}/status"
     out = {}
     for name, pid in pids.items():
         commands = [
@@ -225,11 +222,7 @@ def main(argv=None) -> int:
     (REPO / "workspace").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=REPO / "workspace", prefix="bench-soak-") as tmp:
         tmp = Path(tmp)
-        project = yaml.safe_load((REPO / "provisioning" / "project.yml").read_text())
-        port = _free_port()
-        for participant in project["participants"]:
-            if participant["type"] == "server":
-                participant["fed_learn_port"] = participant["admin_port"] = port
+        project = project_with_port(free_port())
         (tmp / "project.yml").write_text(yaml.safe_dump(project, sort_keys=False))
         job = soak_job(tmp / "job", args.rounds + (PROBE_ROUNDS if args.probe else 0))
         subprocess.run(
