@@ -73,6 +73,16 @@ def test_our_components_are_allowed_at_server_and_hospitals(kits):
         assert "nvflare.app_common.workflows.scatter_and_gather.ScatterAndGather" in allow
 
 
+def test_every_kit_releases_memory_and_the_server_marks_jobs_a_crash_left_running(kits):
+    def ids(kit):
+        return {c["id"]: c["path"] for c in json.loads((kit / "local" / "resources.json").read_text())["components"]}
+
+    assert ids(kits.server)["memory_keeper"] == "hospital_fedlora.deploy.memory_keeper.MemoryKeeper"
+    assert ids(kits.server)["interrupted_jobs"] == "hospital_fedlora.deploy.interrupted_jobs.InterruptedJobs"
+    for kit in kits.clients.values():
+        assert "memory_keeper" in ids(kit) and "interrupted_jobs" not in ids(kit)
+
+
 def test_comm_config_sized_for_large_messages(kits):
     for kit in [kits.server, *kits.clients.values()]:
         config = json.loads((kit / "local" / "comm_config.json").read_text())
