@@ -59,6 +59,7 @@ bench: base-model data
 	$(PY) tests/benchmarks/bench_he_aggregation.py --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_deployment.py --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_memory_soak.py --probe --out docs/benchmarks
+	$(PY) tests/benchmarks/bench_reliability.py --out docs/benchmarks
 
 clean:
 	rm -rf $(WORK) .pytest_cache

@@ -137,6 +137,12 @@ class LocalFederation:
         self._pgids.append(proc.pid)
         proc.wait()  # start.sh only backgrounds sub_start.sh and returns
 
+    def reconnect(self, timeout: float = 120.0) -> None:
+        """A new admin session (after the server restarted); the old one is closed first, or its threads
+        would keep this interpreter from exiting."""
+        self._close_session()
+        self.session = self.connect(self.admin_kit, self.admin, timeout=timeout)
+
     def kill_kit(self, kit: Path, timeout: float = 30.0) -> list[int]:
         """A power loss: SIGKILL to every process of ``kit`` (watchdog, FLARE, job processes) at once.
         ``start_kit`` brings it back."""

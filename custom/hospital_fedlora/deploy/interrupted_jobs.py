@@ -34,7 +34,7 @@ class InterruptedJobs(FLComponent):
         for job in stale:
             self.log_warning(
                 fl_ctx,
-                f"job {job.job_id} was running when the server stopped; marked {RunStatus.ABANDONED}. Its completed "
+                f"job {job.job_id} was running when the server stopped; marked {RunStatus.ABANDONED.value}. Its completed "
                 f"rounds are in {job.job_id}/ of this workspace: resume it with python -m hospital_fedlora.deploy.resume_job "
                 f"--admin-kit <admin kit> --job <its job folder> --from {job.job_id} (docs/reliability.md)",
             )
