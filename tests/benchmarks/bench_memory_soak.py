@@ -315,11 +315,12 @@ def code_state() -> dict:
 
     def git(*a: str) -> str:
         done = subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True)
-        return done.stdout.strip() if done.returncode == 0 else ""
+        return done.stdout if done.returncode == 0 else ""
 
+    # porcelain lines are "XY path": the status columns may be blank, so the output is not stripped
     changed = git("status", "--porcelain", "--", "custom", "jobs", "provisioning", "site_configs")
-    return {"commit": git("rev-parse", "--short", "HEAD") or None,
-            "uncommitted_changes": [line[3:] for line in changed.splitlines()]}  # fmt: skip
+    return {"commit": git("rev-parse", "--short", "HEAD").strip() or None,
+            "uncommitted_changes": [line[3:] for line in changed.splitlines() if line.strip()]}  # fmt: skip
 
 
 def _version(dist: str) -> str | None:
