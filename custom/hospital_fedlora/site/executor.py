@@ -203,6 +203,9 @@ class LoraExecutor(Executor):
         return self._current_adapter()
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        # What the last round left (activations, batches, its messages and ciphertexts, which FLARE frees
+        # after this task returned) is given back before this round allocates: flat RSS over many rounds.
+        release_memory()
         started = time.perf_counter()
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND)
         total = shareable.get_header(AppConstants.NUM_ROUNDS)
@@ -235,7 +238,6 @@ class LoraExecutor(Executor):
             f"{val_global:.4f} -> {val_local:.4f}",
         )
         diff = subtract(get_adapter_state(t.model), global_state)
-        release_memory()  # a round's activations and batches, freed: keep the process flat over many rounds
         # The rest of a round's wall time is FLARE's (messaging, filters, aggregation, persistence).
         metrics[Metric.TASK_SECONDS] = time.perf_counter() - started
         meta = {
