@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +20,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from hospital_fedlora.deploy.resume_job import resumable_copy
 from hospital_fedlora.he.log_persistor import LOG_DIR, LOG_INDEX
 from hospital_fedlora.protocol import Meta
 from hospital_fedlora.server.adapter_persistor import ROUNDS_DIR
@@ -219,7 +220,15 @@ def test_the_server_killed_mid_job_resumes_from_its_last_round_with_the_same_ada
     fed.wait_for_clients(SITES, timeout=180)
     assert fed.session.get_job_meta(crashed)["status"] == "FINISHED:ABANDONED"
     assert f"job {crashed} was running when the server stopped" in (server / "log.txt").read_text()
-    resumed = fed.session.submit_job(str(resumable_copy(job, crashed, tmp_path / "resume")))
+    # What the operator runs (docs/operator.md), as a separate process with the admin's kit.
+    done = subprocess.run(
+        [sys.executable, "-m", "hospital_fedlora.deploy.resume_job", "--admin-kit", str(fed.admin_kit),
+         "--job", str(job), "--from", crashed],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"continues job {crashed} (FINISHED:ABANDONED) after its last completed round" in done.stdout
+    resumed = done.stdout.split("submitted ", 1)[1].split(":", 1)[0]
     wait_for_server_log(fed, resumed, "Round 1 finished.")  # the round the crash interrupted, redone
     recovery = time.monotonic() - killed
     run = finished(fed, resumed, tmp_path / "result")
