@@ -3,7 +3,7 @@
 FLARE 2.9 leaves such a job ``RUNNING`` in its job store for ever, although nothing runs it: ``abort_job``
 then answers "job is not running" and nothing can resume it. At system start (before any job is
 scheduled) this marks every job still recorded as running or dispatched ``FINISHED:ABANDONED`` (FLARE's
-own status for it, set with FLARE's own job runner method), and logs how to resume it
+own status for it), and logs how to resume it
 (``deploy/resume_job.py``, docs/reliability.md).
 """
 
@@ -24,14 +24,10 @@ class InterruptedJobs(FLComponent):
             return
         engine = fl_ctx.get_engine()
         job_manager = engine.get_component(SystemComponents.JOB_MANAGER)
-        job_runner = getattr(engine, "job_runner", None)
-        if job_manager is None or job_runner is None:
+        if job_manager is None:
             return
-        stale = job_manager.get_jobs_by_status([RunStatus.RUNNING, RunStatus.DISPATCHED], fl_ctx)
-        if not stale:
-            return
-        job_runner.update_unfinished_jobs(fl_ctx)
-        for job in stale:
+        for job in job_manager.get_jobs_by_status([RunStatus.RUNNING, RunStatus.DISPATCHED], fl_ctx):
+            job_manager.set_status(job.job_id, RunStatus.ABANDONED, fl_ctx)
             self.log_warning(
                 fl_ctx,
                 f"job {job.job_id} was running when the server stopped; marked {RunStatus.ABANDONED.value}. Its completed "
