@@ -7,6 +7,7 @@ another provisioning, i.e. another root CA.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import ssl
@@ -18,12 +19,15 @@ import yaml
 from nvflare.lighter.utils import verify_folder_signature
 
 from hospital_fedlora.config import load_site_config
-from hospital_fedlora.deploy.kits import COMM_CONFIG, PACKAGE_ALLOW_PREFIX, KitError
+from hospital_fedlora.deploy import kits as kits_module
+from hospital_fedlora.deploy.kit_identity import KitIdentityError, kit_name
+from hospital_fedlora.deploy.kits import COMM_CONFIG, COMPLETE_MARKER, PACKAGE_ALLOW_PREFIX, KitError, find_kits
+from hospital_fedlora.deploy.kits import latest_prod_dir
 from hospital_fedlora.deploy.kits import main as kits_main
 from hospital_fedlora.he.bfv_context import load_context_file
 from hospital_fedlora_tools.local_federation import LocalFederation
 
-from deployment_helpers import REPO, SITES, free_port, provision_into, wait_until
+from deployment_helpers import REPO, SITES, free_port, project_with_port, provision_into, wait_until
 
 ADMIN = "admin@consortium.org"
 
@@ -136,8 +140,10 @@ def test_server_kit_holds_no_secret_key_and_hospitals_do(kits):
 def test_fourth_hospital_is_one_project_entry_and_one_site_config(tmp_path):
     configs = tmp_path / "site_configs"
     shutil.copytree(REPO / "site_configs", configs)
-    with pytest.raises(KitError, match=r"no site config for \['hospital-d'\]"):
-        provision_into(tmp_path / "without", free_port(), configs, extra_clients=("hospital-d",))
+    # Without its site config, hospital-d's kit is made all the same: its IT adds the config at the site.
+    kits = provision_into(tmp_path / "without", free_port(), configs, extra_clients=("hospital-d",))
+    assert not (kits.clients["hospital-d"] / "local" / "site_config.yaml").exists()
+    assert (kits.clients["hospital-a"] / "local" / "site_config.yaml").is_file()
     raw = yaml.safe_load((configs / "hospital-a.yaml").read_text())
     (configs / "hospital-d.yaml").write_text(yaml.safe_dump({**raw, "site": "hospital-d"}))
     kits = provision_into(tmp_path / "with", free_port(), configs, extra_clients=("hospital-d",))
@@ -155,6 +161,7 @@ def test_site_config_for_the_wrong_site_is_refused(tmp_path, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "hospital-b.yaml" in err and "field 'site' is 'hospital-a' but this client is 'hospital-b'" in err
+    assert not (tmp_path / "ws").exists()  # refused before provisioning: no kits, no CA
 
 
 def test_a_hospital_prepares_its_unpacked_kit_with_its_own_site_config(kits, tmp_path):
@@ -189,6 +196,125 @@ def test_a_moved_server_kit_keeps_its_storage_inside_itself(kits, tmp_path):
     resources = json.loads((moved / "local" / "resources.json").read_text())
     job_manager = next(c for c in resources["components"] if c["id"] == "job_manager")
     assert Path(job_manager["args"]["uri_root"]).is_relative_to(moved / "storage")
+
+
+# ---------------------------------------------------------------------------- kits without traps
+def test_a_kit_is_who_its_certificate_says_whatever_its_folder_is_called(kits, tmp_path, capsys):
+    unpacked = tmp_path / "fl-client"
+    shutil.copytree(kits.clients["hospital-b"], unpacked)
+    (unpacked / "local" / "site_config.yaml").unlink()
+    assert kit_name(unpacked) == "hospital-b"
+
+    hospital_b = str(REPO / "site_configs" / "hospital-b.yaml")
+    assert kits_main(["--kit", str(unpacked), "--site-config", hospital_b]) == 0
+    assert load_site_config(unpacked / "local" / "site_config.yaml", expected_site="hospital-b").site == "hospital-b"
+    assert kits_main(["--kit", str(unpacked), "--site-config", str(REPO / "site_configs" / "hospital-a.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert "hospital-a.yaml: field 'site' is 'hospital-a' but this client is 'hospital-b'" in err
+    assert str(unpacked / "startup" / "client.crt") in err
+
+    renamed = tmp_path / "prod"
+    shutil.copytree(kits.prod_dir, renamed)
+    (renamed / "hospital-c").rename(renamed / "fl-client")
+    assert find_kits(renamed).clients["hospital-c"] == renamed / "fl-client"
+
+    (unpacked / "startup" / "client.crt").write_text("not a certificate")
+    with pytest.raises(KitIdentityError, match=r"fl-client/startup/client\.crt: cannot read the kit's certificate"):
+        kit_name(unpacked)
+    (unpacked / "startup" / "client.crt").unlink()
+    assert kits_main(["--kit", str(unpacked), "--site-config", hospital_b]) == 1
+    assert "fl-client/startup/client.crt: not found" in capsys.readouterr().err
+
+
+def _project_file(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    project = folder / "project.yml"
+    project.write_text(yaml.safe_dump(project_with_port(free_port()), sort_keys=False))
+    return project
+
+
+def test_the_admin_provisions_without_any_hospital_data_paths(tmp_path, capsys):
+    project = _project_file(tmp_path)
+    assert kits_main(["--project", str(project), "--workspace", str(tmp_path / "ws")]) == 0
+    out = capsys.readouterr().out
+    for site in SITES:
+        assert (f"(no site config yet; hospital IT adds it: python -m hospital_fedlora.deploy.kits "
+                f"--kit <the unpacked {site} kit> --site-config <{site}'s site config>)") in out  # fmt: skip
+    prod = latest_prod_dir(tmp_path / "ws")
+    assert not list(prod.glob("*/local/site_config.yaml"))
+
+
+def test_a_failed_kits_run_leaves_the_previous_set_current(tmp_path, monkeypatch, capsys):
+    project, ws = _project_file(tmp_path), tmp_path / "ws"
+    configs = tmp_path / "site_configs"
+    shutil.copytree(REPO / "site_configs", configs)
+    make_kits = ["--project", str(project), "--workspace", str(ws), "--site-configs", str(configs)]
+    assert kits_main(make_kits) == 0
+    previous = latest_prod_dir(ws)
+    assert previous.name == "prod_00" and (previous / COMPLETE_MARKER).is_file()
+    capsys.readouterr()
+
+    # A site config that cannot work is refused before provisioning, naming the file and the field.
+    raw = yaml.safe_load((configs / "hospital-b.yaml").read_text())
+    (configs / "hospital-b.yaml").write_text(yaml.safe_dump({**raw, "micro_batch_size": "many"}))
+    assert kits_main(make_kits) == 1
+    err = capsys.readouterr().err
+    assert "hospital-b.yaml" in err and "micro_batch_size" in err
+    assert sorted(p.name for p in previous.parent.glob("prod_*")) == ["prod_00"]
+    (configs / "hospital-b.yaml").write_text(yaml.safe_dump(raw))
+
+    # A failure after `nvflare provision` (here: preparing hospital-b's kit) removes the new prod_NN.
+    real_prepare = kits_module.prepare_kit
+
+    def failing_prepare(kit, site_config=None):
+        if Path(kit).name == "hospital-b":
+            raise KitError(f"{kit}/local/resources.json.default: injected failure")
+        real_prepare(kit, site_config)
+
+    monkeypatch.setattr(kits_module, "prepare_kit", failing_prepare)
+    assert kits_main(make_kits) == 1
+    assert "injected failure" in capsys.readouterr().err
+    assert sorted(p.name for p in previous.parent.glob("prod_*")) == ["prod_00"]
+    assert latest_prod_dir(ws) == previous
+
+    # A run killed before it finished (no marker written) is never taken for the current set.
+    half_built = previous.parent / "prod_01"
+    shutil.copytree(previous, half_built)
+    (half_built / COMPLETE_MARKER).unlink()
+    assert latest_prod_dir(ws) == previous
+    with pytest.raises(KitError, match=rf"prod_01: no {COMPLETE_MARKER}, so the run that wrote it did not finish"):
+        find_kits(half_built)
+
+
+@pytest.mark.e2e
+def test_job_history_is_carried_into_a_new_server_kit(tmp_path, capsys):
+    port = free_port()
+    old = provision_into(tmp_path, port, None)
+    with LocalFederation(old, clients=[], echo=lambda s: None) as fed:
+        job_id = fed.submit(REPO / "jobs" / "fedlora_plain")  # no hospital connected: it waits, then is aborted
+        fed.session.abort_job(job_id)
+        wait_until(lambda: fed.session.get_job_meta(job_id)["status"] == "FINISHED:ABORTED", 30, "the abort")
+    new = provision_into(tmp_path, port, None)  # re-provisioned into the same workspace
+    assert new.prod_dir != old.prod_dir and not list((new.server / "storage").rglob("meta"))
+
+    (old.server / "daemon_pid.fl").write_text(f"{os.getpid()}\n")  # a live pid: the old server looks running
+    assert kits_main(["--kit", str(new.server), "--storage-from", str(old.server)]) == 1
+    assert "daemon_pid.fl: the server of" in capsys.readouterr().err
+    (old.server / "daemon_pid.fl").unlink()
+    assert kits_main(["--kit", str(new.server), "--storage-from", str(old.server)]) == 0
+    assert not (old.server / "storage").exists()  # moved, not copied
+    for meta in (new.server / "storage").rglob("meta"):
+        assert str(old.server) not in meta.read_text(errors="replace"), meta  # nothing points at the old kit
+
+    with LocalFederation(new, clients=[], echo=lambda s: None) as fed:
+        jobs = {j["job_id"]: j["status"] for j in fed.session.list_jobs()}
+    assert jobs == {job_id: "FINISHED:ABORTED"}
+    # Its storage now holds jobs: another carry-over into it is refused rather than mixed in.
+    other = provision_into(tmp_path / "other", free_port(), None)
+    (other.server / "storage" / "jobs-storage" / "x").mkdir(parents=True)
+    (other.server / "storage" / "jobs-storage" / "x" / "meta").write_text("{}")
+    assert kits_main(["--kit", str(new.server), "--storage-from", str(other.server)]) == 1
+    assert "already holds jobs of the new server" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------- security on a running server

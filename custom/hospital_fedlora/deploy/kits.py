@@ -2,27 +2,31 @@
 
 Per kit, in ``local/`` (never ``startup/``, whose signatures FLARE checks at every start): a
 ``resources.json`` that keeps job storage inside the kit and allows our package, a ``comm_config.json``
-for multi-GB messages and, in hospital kits, the validated site config with absolute paths.
+for multi-GB messages and, in hospital kits, the validated site config with absolute paths. A run either
+leaves a complete new ``prod_NN`` (marked by ``.kits_complete``, written last) or none.
 
     python -m hospital_fedlora.deploy.kits --project provisioning/project.yml --workspace workspace/kits \\
-        --site-configs site_configs
+        [--site-configs site_configs]
     python -m hospital_fedlora.deploy.kits --kit <kit folder> --site-config <the hospital's site config>
+    python -m hospital_fedlora.deploy.kits --kit <new server kit> --storage-from <old server kit>
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
+import shutil
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..config import ConfigError, load_site_config
+from .kit_identity import KitIdentityError, kit_certificate, kit_name
+from .kit_sets import COMPLETE_MARKER, KitError, Kits, find_kits, provision, read_project
+from .kit_sets import latest_prod_dir  # noqa: F401  (callers import the kit-set API from here)
+from .server_storage import StorageError, carry_storage_over
 
 # Every FLARE class our jobs name lives under this prefix; the package is installed at every participant.
 PACKAGE_ALLOW_PREFIX = "hospital_fedlora."
@@ -48,93 +52,6 @@ COMM_CONFIG: dict[str, Any] = {
     "sfm_send_stall_timeout": 600,
     "heartbeat_interval": 30,
 }
-
-
-class KitError(RuntimeError):
-    """Provisioning or kit preparation failed; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class Kits:
-    """Where one provisioning run put its kits."""
-
-    prod_dir: Path
-    server: Path
-    clients: dict[str, Path] = field(default_factory=dict)
-    admins: dict[str, Path] = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------ provisioning
-def read_project(project_file: str | Path) -> dict[str, Any]:
-    path = Path(project_file)
-    try:
-        project = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise KitError(f"{path}: cannot read the project file: {err}") from None
-    if not isinstance(project, dict) or not project.get("name") or not isinstance(project.get("participants"), list):
-        raise KitError(f"{path}: expected a project with 'name' and a 'participants' list (see docs/admin.md)")
-    return project
-
-
-def provision(project_file: str | Path, workspace: str | Path) -> Path:
-    """Run ``nvflare provision``; return the new ``prod_NN`` folder holding every kit.
-
-    Provisioning again into the same workspace keeps its root CA and the hospitals' BFV keys (both kept in
-    ``<workspace>/<project>/state``), so earlier kits stay valid; a fresh workspace means fresh ones.
-    """
-    project_file = Path(project_file).resolve()
-    workspace = Path(workspace).resolve()
-    name = read_project(project_file)["name"]
-    before = set(_prod_dirs(workspace, name))
-    nvflare = Path(sys.executable).with_name("nvflare")
-    cmd = [str(nvflare) if nvflare.exists() else "nvflare", "provision", "-p", str(project_file), "-w", str(workspace)]
-    # --force: re-provisioning into an existing workspace is how kits are added and rotated.
-    proc = subprocess.run(cmd + ["--force"], capture_output=True, text=True, cwd=project_file.parent)
-    if proc.returncode != 0:
-        raise KitError(f"nvflare provision -p {project_file} failed:\n{proc.stdout}{proc.stderr}".rstrip())
-    new = sorted(set(_prod_dirs(workspace, name)) - before, key=_prod_number)
-    if not new:
-        raise KitError(f"nvflare provision succeeded but wrote no new prod_NN folder under {workspace / name}")
-    return new[-1]
-
-
-def _prod_dirs(workspace: Path, project_name: str) -> list[Path]:
-    root = workspace / project_name
-    return [p for p in root.glob("prod_*") if p.is_dir() and re.fullmatch(r"prod_\d+", p.name)]
-
-
-def _prod_number(p: Path) -> int:
-    return int(p.name.split("_")[1])
-
-
-def latest_prod_dir(workspace: str | Path, project_name: str = "hospital-fedlora") -> Path:
-    """The most recent ``prod_NN`` folder, i.e. the kits ``make kits`` produced last."""
-    dirs = sorted(_prod_dirs(Path(workspace), project_name), key=_prod_number)
-    if not dirs:
-        raise KitError(f"no kits under {Path(workspace) / project_name}; run `make kits` first")
-    return dirs[-1]
-
-
-def find_kits(prod_dir: str | Path, project: dict[str, Any] | None = None) -> Kits:
-    """Sort the kits of ``prod_dir`` by role, from each kit's own startup files (or ``project`` if given)."""
-    prod_dir = Path(prod_dir).resolve()
-    server, clients, admins = None, {}, {}
-    for kit in sorted(p for p in prod_dir.iterdir() if (p / "startup").is_dir()):
-        startup = kit / "startup"
-        if (startup / "fed_server.json").is_file():
-            server = kit
-        elif (startup / "fed_client.json").is_file():
-            clients[kit.name] = kit
-        elif (startup / "fed_admin.json").is_file():
-            admins[kit.name] = kit
-    if server is None:
-        raise KitError(f"{prod_dir}: no server kit (startup/fed_server.json) found; is this a prod_NN folder?")
-    if project is not None:
-        expected = {p["name"] for p in project["participants"] if p.get("type") == "client"}
-        missing = expected - set(clients)
-        if missing:
-            raise KitError(f"{prod_dir}: no kit for client(s) {sorted(missing)} named in the project file")
-    return Kits(prod_dir=prod_dir, server=server, clients=clients, admins=admins)
 
 
 # ------------------------------------------------------------------------------------- kit preparation
@@ -193,15 +110,22 @@ def comm_config(kit: Path) -> dict[str, Any]:
 
 
 def install_site_config(kit: str | Path, site_config: str | Path) -> Path:
-    """Validate ``site_config`` for the kit's site and write it, paths absolute, to ``<kit>/local``."""
+    """Validate ``site_config`` for the kit's site (its certificate's name, whatever the folder is called) and
+    write it, paths absolute, to ``<kit>/local``."""
     kit = Path(kit)
-    cfg = load_site_config(site_config, expected_site=kit.name)
+    site = kit_name(kit)
+    cfg = load_site_config(site_config)
+    if cfg.site != site:
+        raise ConfigError(
+            f"{site_config}: field 'site' is {cfg.site!r} but this client is {site!r} (the name in "
+            f"{kit_certificate(kit)}); use {site}'s own site config, or set `site: {site}` if it is this hospital's"
+        )
     absent = [label for label, path in (("data.train", cfg.data.train), ("data.validation", cfg.data.validation),
                                          ("base_model_path", cfg.base_model_path)) if not path.exists()]  # fmt: skip
     if absent:
-        print(f"  note: {kit.name}: {', '.join(absent)} not there yet; the site needs them before training")
+        print(f"  note: {site}: {', '.join(absent)} not there yet; the site needs them before training")
     dest = kit / "local" / SITE_CONFIG_NAME
-    header = f"# {kit.name}'s site configuration, from {Path(site_config).resolve()} (paths resolved).\n"
+    header = f"# {site}'s site configuration, from {Path(site_config).resolve()} (paths resolved).\n"
     dest.write_text(header + yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     return dest
 
@@ -224,21 +148,41 @@ def prepare_kit(kit: str | Path, site_config: str | Path | None = None) -> None:
         install_site_config(kit, site_config)
 
 
+def site_config_files(sites: list[str], site_configs: str | Path | None) -> dict[str, Path]:
+    """The validated ``<site_configs>/<site>.yaml`` of each site in ``sites`` that has one. A hospital without
+    one is not an error: its data paths are its IT's to know, and they add the config at the site."""
+    found = {site: Path(site_configs) / f"{site}.yaml" for site in sites} if site_configs else {}
+    found = {site: path for site, path in found.items() if path.is_file()}
+    for site, path in found.items():
+        load_site_config(path, expected_site=site)
+    return found
+
+
 def prepare_kits(prod_dir: str | Path, site_configs: str | Path | None, project: dict | None = None) -> Kits:
-    """Prepare every kit of one provisioning run; each hospital needs ``<site_configs>/<site>.yaml``."""
-    kits = find_kits(prod_dir, project)
-    missing = [name for name in kits.clients if site_configs and not (Path(site_configs) / f"{name}.yaml").is_file()]
-    if missing:
-        raise KitError(
-            f"no site config for {missing} in {site_configs}: add site_configs/<site>.yaml for every hospital "
-            "in project.yml (copy site_configs/hospital-a.yaml and edit it)"
-        )
+    """Prepare every kit of one provisioning run, placing ``<site_configs>/<site>.yaml`` where there is one;
+    mark the set complete last."""
+    kits = find_kits(prod_dir, project, complete=False)
+    configs = site_config_files(list(kits.clients), site_configs)
     prepare_kit(kits.server)
     for name, kit in kits.clients.items():
-        prepare_kit(kit, Path(site_configs) / f"{name}.yaml" if site_configs else None)
+        prepare_kit(kit, configs.get(name))
     for kit in kits.admins.values():
         prepare_kit(kit)
+    (kits.prod_dir / COMPLETE_MARKER).write_text("every kit in this folder is prepared (hospital_fedlora.deploy.kits)\n")
     return kits
+
+
+def make_kits(project_file: str | Path, workspace: str | Path, site_configs: str | Path | None = None) -> Kits:
+    """Provision and prepare a complete new set of kits, or leave none: what can be checked is checked before
+    ``nvflare provision``, and a failure (or Ctrl-C) after it removes the new ``prod_NN`` again."""
+    project = read_project(project_file)
+    site_config_files([p["name"] for p in project["participants"] if p.get("type") == "client"], site_configs)
+    prod_dir = provision(project_file, workspace)
+    try:
+        return prepare_kits(prod_dir, site_configs, project)
+    except BaseException:
+        shutil.rmtree(prod_dir, ignore_errors=True)
+        raise
 
 
 def _write_json(path: Path, content: dict[str, Any]) -> None:
@@ -250,31 +194,43 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hospital_fedlora.deploy.kits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--project", default="provisioning/project.yml", help="project.yml for nvflare provision")
     parser.add_argument("--workspace", default="workspace/kits", help="provisioning workspace (git-ignored)")
-    parser.add_argument("--site-configs", default="site_configs", help="folder with one <site>.yaml per hospital")
-    parser.add_argument("--no-site-configs", action="store_true",
-                        help="leave local/site_config.yaml to each hospital's IT")  # fmt: skip
+    parser.add_argument("--site-configs", metavar="DIR",
+                        help="place <DIR>/<site>.yaml in each hospital's kit (the one-machine demo); by default "
+                             "each hospital's IT adds its own at the site")  # fmt: skip
+    parser.add_argument("--no-site-configs", action="store_true", help=argparse.SUPPRESS)  # the default now
     parser.add_argument("--kit", metavar="DIR",
                         help="no provisioning: prepare this one kit in place, where it was unpacked")  # fmt: skip
     parser.add_argument("--site-config", metavar="FILE", help="with --kit: the hospital's own site config to place")
+    parser.add_argument("--storage-from", metavar="OLD_KIT",
+                        help="with --kit <new server kit>: move the old server kit's storage/ (job history) into it")  # fmt: skip
     args = parser.parse_args(argv)
 
     try:
+        if args.storage_from:
+            if not args.kit:
+                parser.error("--storage-from needs --kit <new server kit>")
+            jobs = carry_storage_over(args.kit, args.storage_from)
+            print(f"moved {Path(args.storage_from).resolve() / 'storage'} ({len(jobs)} jobs) into "
+                  f"{Path(args.kit).resolve() / 'storage'}")  # fmt: skip
+            return 0
         if args.kit:
             prepare_kit(args.kit, args.site_config)
             print(f"prepared {Path(args.kit).resolve()}")
             return 0
-        site_configs = None if args.no_site_configs else Path(args.site_configs)
+        site_configs = None if args.no_site_configs or not args.site_configs else Path(args.site_configs)
         project = read_project(args.project)
-        kits = prepare_kits(provision(args.project, args.workspace), site_configs, project)
-    except (KitError, ConfigError) as err:
+        kits = make_kits(args.project, args.workspace, site_configs)
+    except (KitError, ConfigError, KitIdentityError, StorageError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"kits for project '{project['name']}' in {kits.prod_dir}")
     print(f"  server   {kits.server}")
     for name, kit in kits.clients.items():
         site = kit / "local" / SITE_CONFIG_NAME
-        print(f"  hospital {kit}" + (f"   (site config: {site})" if site.is_file() else "   (no site config yet)"))
-    for name, kit in kits.admins.items():
+        print(f"  hospital {kit}   " + (f"(site config: {site})" if site.is_file() else
+              f"(no site config yet; hospital IT adds it: python -m hospital_fedlora.deploy.kits "
+              f"--kit <the unpacked {name} kit> --site-config <{name}'s site config>)"))  # fmt: skip
+    for kit in kits.admins.values():
         print(f"  admin    {kit}")
     return 0
 
