@@ -86,3 +86,15 @@ def test_a_job_has_one_minimum_and_bounded_waits(job):
     server = json.loads((job / "app/config/config_fed_server.json").read_text())
     aggregator = next(c for c in server["components"] if c["id"] == "aggregator")
     assert "min_contributions" not in aggregator["args"]  # the workflow gives the aggregator its minimum
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_a_job_fits_any_consortium_of_two_or_more_hospitals(job):
+    """No job names or counts the hospitals: adding or removing one needs no job edit (docs/admin.md)."""
+    server = json.loads((job / "app/config/config_fed_server.json").read_text())
+    args = next(w["args"] for w in server["workflows"] if "min_clients" in w["args"])
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["min_clients"] == args["min_clients"] == 2 and meta["deploy_map"] == {"app": ["@ALL"]}
+    assert args["wait_time_after_min_received"] > 0 and args["train_timeout"] > 0  # the rest are waited for, boundedly
+    text = "".join(p.read_text() for p in (job / "app" / "config").glob("*.json"))
+    assert "hospital-" not in text
