@@ -45,7 +45,8 @@ DATA_PATH = [
     "server/contribution_aggregator.py",
     "he/log_persistor.py",  # server: the entries' ciphertexts read back from disk; the new round appended
 ]
-OBSERVERS = ["server/round_metrics_log.py"]  # reads the aggregate's metadata after each round
+# they read the aggregate's metadata after each round; the job report also who answered
+OBSERVERS = ["server/round_metrics_log.py", "server/job_report.py"]
 HOUSEKEEPING = ["memory.py"]  # the hospital gives the round's freed memory back
 # The audit trail: each hospital signs a receipt of what it sends; the server chains the round into its log.
 AUDIT = ["audit/receipt_filter.py", "audit/receipts.py", "audit/digest.py", "audit/audit_log.py", "audit/chain.py"]

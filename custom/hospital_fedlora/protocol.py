@@ -75,6 +75,10 @@ class Metric:
 # A site that cannot do a task says why in this header of its error reply, so the server's log names the cause.
 ERROR_HEADER = "hospital_fedlora_error"
 
+# How a round is written for people (logs, progress, the job report): 0-based as FLARE's workflows count,
+# with the job's range, e.g. "round 0 of 0..2" is the first of three.
+ROUND_TEXT = "round {round} of 0..{last}"
+
 # The tag every ciphertext of a round carries in its chunk headers, checked at both ends: ROUND_TAG.format(round=r)
 ROUND_TAG = "round {round}"
 

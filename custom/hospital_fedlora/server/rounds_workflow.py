@@ -20,7 +20,7 @@ class RoundsWorkflow(ScatterAndGather):
     - A round that closes without some sites says which, and which timeout decided it; a site's error
       reply reaches the aggregator, which logs the site's own cause (FLARE would log the return code
       only). With ``ignore_result_error`` null (the jobs' setting) the round goes on while its minimum
-      can still be met.
+      can still be met; when it cannot, the job's fatal error names every failed site with its cause.
     - Resuming: when the persistor loaded rounds of an earlier run (its ``resumed_rounds``), the loop
       continues after them, so ``num_rounds`` stays the job's total.
     """
@@ -46,6 +46,14 @@ class RoundsWorkflow(ScatterAndGather):
         if result.get_return_code(ReturnCode.OK) != ReturnCode.OK and isinstance(self.aggregator, ContributionAggregator):
             self.aggregator.accept(result, fl_ctx)  # records and logs the cause; never accepts an error reply
         return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
+
+    def system_panic(self, reason: str, fl_ctx: FLContext) -> None:
+        # FLARE's message for a round that can no longer reach its minimum names the sites' return codes
+        # only; the causes the sites sent (protocol.ERROR_HEADER) are with the aggregator.
+        if isinstance(self.aggregator, ContributionAggregator) and self.aggregator.rejected:
+            causes = "; ".join(f"{s}: {r}" for s, r in sorted(self.aggregator.rejected.items()))
+            reason = f"{reason} Sites' causes: {causes}"
+        super().system_panic(reason, fl_ctx)
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         super().handle_event(event_type, fl_ctx)
