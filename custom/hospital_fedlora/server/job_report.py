@@ -174,10 +174,11 @@ class JobReport(Widget):
 
     def _failed(self, fl_ctx: FLContext) -> None:
         reason = str(fl_ctx.get_prop(FLContextKey.EVENT_DATA, "") or "fatal error")
-        causes = [
+        causes = [  # each site's latest cause, unless the reason (RoundsWorkflow's, say) has it already
             f"{site} ({rounds_text(f['round'], self.report['num_rounds']) if f['round'] is not None else f['task']}): {f['cause']}"
             for site, failures in sorted(self.report["failures"].items())
             for f in failures[-1:]
+            if f["cause"] not in reason
         ]
         if causes and not self.report["job_error"]:
             reason = f"{reason}; sites' failures: {'; '.join(causes)}"
