@@ -35,7 +35,15 @@ from typing import Callable
 
 from hospital_fedlora.deploy.kits import KitError, Kits, find_kits, latest_prod_dir
 
-from .job_progress import TERMINAL_STATUSES, LogFollower, Progress, num_rounds, print_progress
+from .job_progress import (
+    REPORT_META_KEY,
+    TERMINAL_STATUSES,
+    LogFollower,
+    Progress,
+    ReportFollower,
+    num_rounds,
+    print_progress,
+)
 from .process_table import (
     MARKER_VAR,
     FederationError,
@@ -230,21 +238,28 @@ class LocalFederation:
     ) -> dict:
         """Follow ``job_id`` until it ends; report status changes and rounds; return FLARE's job meta.
 
-        Rounds come from the server job's log (FLARE's workflows log "Round N started/finished"), status
-        from the job meta. Raises ``FederationError`` if the job does not end FINISHED:COMPLETED.
+        Status and rounds come from the job meta: rounds from the job report our jobs keep there
+        (``server/job_report.py``), or, for a job without one, from the server job's log (FLARE's workflows
+        log "Round N started/finished"). Raises ``FederationError`` if the job does not end FINISHED:COMPLETED.
         """
         report = on_progress or (lambda p: None)
         start = time.monotonic()
         total_rounds = self._num_rounds.get(job_id)
         log = LogFollower(self.kits.server / job_id / "log.txt")
+        job_report = ReportFollower()
         round_start: dict[int, float] = {}
+        seen: set[tuple[int, str]] = set()
         last_status = None
         report(Progress(job_id, "submitted", "SUBMITTED", 0.0, num_rounds=total_rounds))
         try:
             while True:
                 meta = self.session.get_job_meta(job_id)
                 status = meta.get("status", "")
-                for number, what in log.rounds():
+                # the log serves until the report is in the meta (FLARE may still be dispatching the job)
+                for number, what in job_report.rounds(meta) if REPORT_META_KEY in meta else log.rounds():
+                    if (number, what) in seen:
+                        continue
+                    seen.add((number, what))
                     now = time.monotonic()
                     if what == "started":
                         round_start[number] = now

@@ -21,7 +21,7 @@ from ..adapter_files import GLOBAL_ADAPTER_DIR, save_peft_adapter
 from ..adapter_layout import AdapterLayout
 from ..config import ConfigError, SiteConfig, load_site_config, parse_recipe
 from ..memory import release_memory
-from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, Meta, Metric
+from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, ROUND_TEXT, Meta, Metric
 from .dataset import load_records
 from .model_loading import apply_lora, choose_placement, load_base_model
 from .privacy_gate import check_job_allowed
@@ -213,6 +213,7 @@ class LoraExecutor(Executor):
         r, t = self.recipe, self.trainer
         val_global = t.evaluate(r.max_eval_examples)
         every = max(1, self.log_every_n_steps)
+        this_round = ROUND_TEXT.format(round=rnd, last=total - 1) if isinstance(total, int) else f"round {rnd}"
 
         def progress(s: StepReport) -> None:
             if abort_signal.triggered:
@@ -220,7 +221,7 @@ class LoraExecutor(Executor):
             if s.step % every == 0 or s.step == s.steps:
                 self.log_info(
                     fl_ctx,
-                    f"{self.site.site} round {rnd + 1}/{total} step {s.step}/{s.steps} loss {s.loss:.4f} ({s.tokens_per_s:,.0f} tok/s)",
+                    f"{self.site.site} {this_round} step {s.step}/{s.steps} loss {s.loss:.4f} ({s.tokens_per_s:,.0f} tok/s)",
                 )
 
         result = t.train(r.local_steps, progress, round=rnd)
@@ -234,7 +235,7 @@ class LoraExecutor(Executor):
         }
         self.log_info(
             fl_ctx,
-            f"{self.site.site} round {rnd + 1}/{total} done: train loss {result.mean_loss:.4f}, validation loss "
+            f"{self.site.site} {this_round} done: train loss {result.mean_loss:.4f}, validation loss "
             f"{val_global:.4f} -> {val_local:.4f}",
         )
         diff = subtract(get_adapter_state(t.model), global_state)
