@@ -84,6 +84,18 @@ def test_other_errors_pass_untouched():
         assert passed(wait, record(CELL, logging.ERROR, text)) == f"ERROR {text}"
 
 
+def test_a_job_process_losing_its_kit_is_not_waiting_for_the_server():
+    """Job processes connect to their kit's own process, not to the server: those retries stay as FLARE logs them."""
+    wait = ServerWaitFilter(every_s=30, clock=Clock())
+    for text in (
+        "Connection [CN00002 N/A => localhost:10034] is created: PID: 2",
+        "Connection [CN00002 Not Connected] is closed PID: 2",
+        "Retrying [CH00001 ACTIVE tcp://localhost:10034] in 8 seconds",
+    ):
+        assert passed(wait, record(CONN, logging.INFO, text)) == f"INFO {text}"
+    assert wait.attempts == 0 and not wait.waiting
+
+
 def test_log_config_attaches_the_filter_to_the_retry_loggers(tmp_path):
     (tmp_path / "local").mkdir()
     default = {"version": 1, "handlers": {}, "loggers": {"root": {"level": "INFO", "handlers": []}}}
@@ -96,7 +108,8 @@ def test_log_config_attaches_the_filter_to_the_retry_loggers(tmp_path):
 
 
 def test_a_job_process_reads_the_kits_log_config(tmp_path):
-    """FLARE's job processes configure logging with configure_logging(workspace, job_id), from local/."""
+    """FLARE's job processes configure logging with configure_logging(workspace, job_id), from local/, and
+    then import our components (and so peft and bitsandbytes)."""
     kits = provision_into(tmp_path, free_port(), None)
     kit = kits.clients["hospital-a"]
     write_log_config(kit)
@@ -109,12 +122,14 @@ def test_a_job_process_reads_the_kits_log_config(tmp_path):
         f"cell = logging.getLogger({CELL!r})\n"
         f"cell.error({HEARTBEAT + 'cannot send to ' + repr('server') + ': target_unreachable'!r})\n"
         "cell.error('an unrelated error')\n"
+        "import hospital_fedlora.site.model_loading\n"
     )
     subprocess.run([sys.executable, "-c", script], cwd=kit, check=True, timeout=120)
     log = (kit / "job1" / "log.txt").read_text()
     assert "CoreCell - INFO - waiting for the server (attempt 1)" in log
     assert "target_unreachable" not in log
     assert "CoreCell - ERROR - an unrelated error" in log
+    assert "pip install kernels" not in log
 
 
 @pytest.mark.e2e

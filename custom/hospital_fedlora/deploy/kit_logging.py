@@ -37,12 +37,9 @@ RETRY_LOGGERS = (
     "nvflare.private.fed.client.fed_client.FederatedClient",
 )
 
-# Where the server is: logged once when the cell starts, and by each connection attempt.
-_ADDRESS = (
-    re.compile(r"created backbone external connector to \w+://(\S+)"),
-    re.compile(r"created secure channel at (\S+)"),
-    re.compile(r"Retrying \[\S+ ACTIVE \w+://([^\]\s]+)\]"),
-)
+# Where the server is: the kit's one external connector (job processes have none; they reach the server
+# through the kit's own process, whose connections they also log: those are not the server's).
+_SERVER_CONNECTOR = re.compile(r"created backbone external connector to \w+://(\S+)")
 # One connection attempt (conn_manager logs it for every driver).
 _ATTEMPT = re.compile(r"Connection \[\S+ N/A => (\S+)\] is created")
 # The rest of an attempt's lines: the channel, the failed connection closed.
@@ -52,7 +49,7 @@ _ATTEMPT_NOISE = (
     re.compile(r"CLIENT: finished connection \[\S+ Not Connected\]"),
 )
 # The server is not reachable (yet), with the wait before the next try where the record says it.
-_RETRY = re.compile(r"Retrying \[\S+ ACTIVE [^\]]+\] in (\d+(?:\.\d+)?) seconds")
+_RETRY = re.compile(r"Retrying \[\S+ ACTIVE \w+://([^\]\s]+)\] in (\d+(?:\.\d+)?) seconds")
 _RECHALLENGE = re.compile(r"re-challenge after (\d+(?:\.\d+)?) seconds")
 _HEARTBEAT_UNREACHABLE = re.compile(
     r"CH=task TP=heart_beat .*\] (no connection to server|cannot send to 'server': target_unreachable)"
@@ -88,23 +85,26 @@ class ServerWaitFilter(logging.Filter):
         now = self.clock()
         if self.waiting and now - self.last_wait > WAIT_EXPIRES_S:
             self.waiting, self.last_progress = False, None
-        for pattern in _ADDRESS:
-            found = pattern.search(text)
-            if found:
-                self.address = found.group(1)
+        connector = _SERVER_CONNECTOR.search(text)
+        if connector:
+            self.address = connector.group(1)
         attempt = _ATTEMPT.search(text)
-        if attempt:
+        if attempt and self.address and attempt.group(1) == self.address:
             self.attempts += 1
-            self.address = attempt.group(1)
             return not self.waiting
         if _CONNECTED.search(text):
             self.waiting = False
             self.last_progress = None
             return True
-        wait = _RETRY.search(text) or _RECHALLENGE.search(text)
-        if wait and (_RETRY.search(text) or self.next_in is None):
-            self.next_in = float(wait.group(1))
-        if wait or _HEARTBEAT_UNREACHABLE.search(text):
+        retry = _RETRY.search(text)
+        if retry and retry.group(1) == self.address:
+            self.next_in = float(retry.group(2))  # the connector's backoff: 1, 2, 4, 8, then every 10 s
+        elif retry:
+            retry = None  # a job process's connection to its kit, not to the server
+        rechallenge = _RECHALLENGE.search(text)
+        if rechallenge and self.next_in is None:
+            self.next_in = float(rechallenge.group(1))
+        if retry or rechallenge or _HEARTBEAT_UNREACHABLE.search(text):
             self.waiting, self.last_wait = True, now
             return self._progress(record, now)
         if self.waiting and any(p.search(text) for p in _ATTEMPT_NOISE):
