@@ -1,6 +1,6 @@
 """What the operator reads when hospitals fail: one plaintext job on the session's federation, hospital-b
 refusing it for privacy and hospital-c with a malformed data file, seen by site and cause through the FLARE
-API and the admin console's ``list_jobs -d``, after the job ended."""
+API, the admin console's ``list_jobs -d`` and ``nvflare job meta --format json``, after the job ended."""
 
 from __future__ import annotations
 
@@ -24,13 +24,9 @@ pytestmark = pytest.mark.e2e
 ADMIN = "admin@consortium.org"
 
 
-def list_jobs_detail(admin_kit: Path, job_id: str) -> str:
-    """``list_jobs -d <id>`` typed into the admin console, as the operator would."""
+def operator_command(*cmd: str, typed: str | None = None) -> str:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run(
-        ["bash", str(admin_kit / "startup" / "fl_admin.sh")],
-        input=f"{ADMIN}\nlist_jobs -d {job_id}\nbye\n", capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+    proc = subprocess.run(cmd, input=typed, capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -72,7 +68,10 @@ def test_operator_reads_each_failed_hospital_and_its_cause(federation, small_job
     assert str(bad_train) in causes["hospital-c"] and "not valid JSON" in causes["hospital-c"]
     assert "hospital-b" in report["job_error"] and "hospital-c" in report["job_error"]
 
-    shown = list_jobs_detail(deployed_kits.admins[ADMIN], job_id)
-    assert REPORT_META_KEY in shown and "FINISHED:EXECUTION_EXCEPTION" in shown
-    assert "privacy.require_encryption" in shown and str(bad_train) in shown
-    print(shown)  # the sample docs/operator.md shows
+    admin_kit = deployed_kits.admins[ADMIN]
+    console = operator_command("bash", str(admin_kit / "startup" / "fl_admin.sh"), typed=f"{ADMIN}\nlist_jobs -d {job_id}\nbye\n")
+    cli = operator_command("nvflare", "job", "meta", job_id, "--format", "json", "--startup-kit", str(admin_kit))
+    for shown in (console, cli):
+        assert REPORT_META_KEY in shown and "FINISHED:EXECUTION_EXCEPTION" in shown
+        assert "privacy.require_encryption" in shown and str(bad_train) in shown
+    print(console, cli)  # the samples docs/operator.md shows

@@ -1,9 +1,9 @@
 """Server widget: the job's progress and every site's failures, kept in the job's FLARE meta for the operator.
 
-``nvflare job meta <id>``, the FLARE API's ``get_job_meta(id)`` and the console's ``list_jobs -d <id>``
-show the whole job meta, so the report (key ``REPORT_META_KEY``) is read there while the job runs and
-after it ends, also after a failure; no log is needed. How the report reaches the job store, and why this
-way, is in ``docs/architecture.md`` ("The job report").
+The console's ``list_jobs -d <id>``, ``nvflare job meta <id> --format json`` and the FLARE API's
+``get_job_meta(id)`` show the whole job meta, so the report (key ``REPORT_META_KEY``) is read there while
+the job runs and after it ends, also after a failure; no log is needed. How the report reaches the job
+store from the server's job process, and why this way, is in ``docs/architecture.md`` ("The job report").
 """
 
 from __future__ import annotations
