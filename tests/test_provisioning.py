@@ -70,6 +70,13 @@ def test_storage_stays_inside_the_kit(kits):
         assert "/tmp/nvflare" not in (kit / "local" / "resources.json").read_text()
 
 
+def test_hospital_kits_log_waiting_for_the_server_as_progress(kits):
+    for kit in kits.clients.values():
+        config = json.loads((kit / "local" / "log_config.json").read_text())
+        assert any("ServerWaitFilter" in str(f.get("()")) for f in config["filters"].values()), kit
+    assert not (kits.server / "local" / "log_config.json").exists()
+
+
 def test_our_components_are_allowed_at_server_and_hospitals(kits):
     for kit in [kits.server, *kits.clients.values()]:
         allow = json.loads((kit / "local" / "resources.json").read_text())["class_allow_list"]

@@ -2,7 +2,8 @@
 
 Per kit, in ``local/`` (never ``startup/``, whose signatures FLARE checks at every start): a
 ``resources.json`` that keeps job storage inside the kit and allows our package, a ``comm_config.json``
-for multi-GB messages and, in hospital kits, the validated site config with absolute paths. A run either
+for multi-GB messages and, in hospital kits, a ``log_config.json`` that logs waiting for the server as
+progress (``kit_logging.py``) and the validated site config with absolute paths. A run either
 leaves a complete new ``prod_NN`` (marked by ``.kits_complete``, written last) or none.
 
     python -m hospital_fedlora.deploy.kits --project provisioning/project.yml --workspace workspace/kits \\
@@ -24,6 +25,7 @@ import yaml
 
 from ..config import ConfigError, load_site_config
 from .kit_identity import KitIdentityError, kit_certificate, kit_name
+from .kit_logging import write_log_config
 from .kit_sets import COMPLETE_MARKER, KitError, Kits, find_kits, provision, read_project
 from .kit_sets import latest_prod_dir  # noqa: F401  (callers import the kit-set API from here)
 from .server_storage import StorageError, carry_storage_over
@@ -143,6 +145,8 @@ def prepare_kit(kit: str | Path, site_config: str | Path | None = None) -> None:
     if (kit / "startup" / "fed_admin.json").is_file():
         return  # admin consoles use neither FLARE's comm settings nor a site config
     _write_json(local / "comm_config.json", comm_config(kit))
+    if is_client:  # a hospital waits for the server (start-up, server restarts): progress, not errors
+        write_log_config(kit)
     (kit / "storage").mkdir(exist_ok=True)
     if site_config is not None:
         install_site_config(kit, site_config)
