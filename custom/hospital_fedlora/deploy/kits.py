@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.kit:
                 parser.error("--storage-from needs --kit <new server kit>")
             jobs = carry_storage_over(args.kit, args.storage_from)
+            prepare_kit(args.kit)  # the new kit's storage paths name where it was unpacked, not the admin's copy
             print(f"moved {Path(args.storage_from).resolve() / 'storage'} ({len(jobs)} jobs) into "
                   f"{Path(args.kit).resolve() / 'storage'}")  # fmt: skip
             return 0

@@ -54,7 +54,7 @@ def carry_storage_over(new_kit: str | Path, old_kit: str | Path) -> list[str]:
         if running:
             raise StorageError(
                 f"{running[0]}: the server of {kit} is running (pid {running[1]}); stop it first "
-                "(`shutdown server` in the admin console), or remove the file if you are sure it is not running"
+                "(`shutdown all` in the admin console, docs/server.md), or remove the file if you are sure it is not running"
             )
     if new_kit == old_kit:
         raise StorageError(f"{new_kit}: --kit and --storage-from are the same kit")
