@@ -104,7 +104,7 @@ def round_table(run_dir: Path) -> str:
             m = r[Meta.SITE_METRICS].get(s, {})
             losses = (m.get(k, float("nan")) for k in (Metric.TRAIN_LOSS, Metric.VAL_LOSS_GLOBAL, Metric.VAL_LOSS_LOCAL))
             cells.append(" ".join(f"{v:8.4f}" for v in losses))
-        lines.append(f"{r[Meta.ROUND] + 1:>5}  " + "  ".join(cells))
+        lines.append(f"{r[Meta.ROUND]:>5}  " + "  ".join(cells))
     return "\n".join(lines)
 
 
