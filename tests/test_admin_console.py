@@ -1,5 +1,6 @@
-"""The operator's tools against the running federation: the interactive console ``startup/fl_admin.sh``
-(driven by piping lines into it, as a person would type them) and ``nvflare job``."""
+"""The admin console ``startup/fl_admin.sh`` against the running federation, driven by piping lines into
+it as a person would type them: what each role may do. ``nvflare job`` and the FLARE API run as the
+operator guide writes them in ``test_guides_e2e.py``."""
 
 from __future__ import annotations
 
@@ -35,15 +36,6 @@ def console(admin_kit: Path, *commands: str, user: str = ADMIN) -> str:
     proc = subprocess.run(
         ["bash", str(admin_kit / "startup" / "fl_admin.sh")],
         input=typed, capture_output=True, text=True, env=_env(), timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
-def nvflare_job(admin_kit: Path, *args: str) -> str:
-    proc = subprocess.run(
-        ["nvflare", "job", *args, "--startup-kit", str(admin_kit)],
-        capture_output=True, text=True, env=_env(), timeout=180,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -85,32 +77,6 @@ def test_console_submits_lists_and_aborts_a_job(federation, completed_job, small
     assert "Abort signal has been sent to the server app." in out or f"Aborted the job {job_id}" in out, out
     wait_until(lambda: _status_of(federation, job_id) == "FINISHED:ABORTED", 120, f"job {job_id} to be aborted")
     assert re.search(rf"{job_id}\s*\|\s*\S+\s*\|\s*FINISHED:ABORTED", console(admin_kit, "list_jobs"))
-
-
-def test_nvflare_job_cli_submits_lists_aborts_and_downloads(federation, completed_job, small_job, admin_kit, tmp_path):
-    out = nvflare_job(admin_kit, "submit", "-j", str(small_job))
-    job_id = JOB_ID.search(out).group(0)
-    assert job_id in nvflare_job(admin_kit, "list")
-    nvflare_job(admin_kit, "abort", job_id, "--force")
-    wait_until(lambda: _status_of(federation, job_id) == "FINISHED:ABORTED", 120, f"job {job_id} to be aborted")
-    assert "FINISHED:ABORTED" in nvflare_job(admin_kit, "meta", job_id)
-
-    done = completed_job["job_id"]
-    nvflare_job(admin_kit, "download", done, "-o", str(tmp_path / "result"))
-    assert list((tmp_path / "result").rglob("global_adapter/adapter_model.safetensors"))
-
-
-def test_flare_api_session_as_in_the_operator_guide(federation, completed_job, admin_kit, tmp_path):
-    from nvflare.fuel.flare_api.flare_api import new_secure_session
-
-    session = new_secure_session(ADMIN, str(admin_kit))
-    try:
-        job_id = completed_job["job_id"]
-        assert session.wait_for_job(job_id)["status"] == "FINISHED:COMPLETED"
-        result = Path(session.download_job_result(job_id, destination=str(tmp_path)))
-        assert (result / "workspace" / "global_adapter" / "adapter_model.safetensors").is_file()
-    finally:
-        session.close()
 
 
 # ------------------------------------------------------------------- a hospital's own admin (org_admin)

@@ -8,11 +8,11 @@ import re
 
 import pytest
 import yaml
+from test_guides_e2e import ELSEWHERE, SKIPPED_LINES, WALKTHROUGH
 
 from hospital_fedlora.config import SiteConfig, validate
 
 from guide_blocks import REPO, all_blocks, command_blocks, find
-from test_guides_e2e import ELSEWHERE, SKIPPED_LINES, WALKTHROUGH
 
 
 def test_every_command_block_is_run_by_the_walkthrough_or_named_elsewhere():

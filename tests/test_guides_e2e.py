@@ -28,7 +28,6 @@ import pytest
 import yaml
 
 import hospital_fedlora
-
 from hospital_fedlora.deploy.kits import find_kits, latest_prod_dir
 from hospital_fedlora_tools.process_table import MARKER_VAR, find_marked_processes, terminate
 
@@ -229,7 +228,9 @@ def test_every_guide_command_runs_as_written(sandbox: Sandbox):
         box.run_text(job_cli, fill(line, values, job_cli))
     box.run(_block("docs/operator.md", "PeftModel.from_pretrained"), {"<id>": values["<id>"]})
     out = box.run_text(job_cli, fill(lines[0], values, job_cli)).stdout  # a second job, to be stopped
-    box.run(_block("docs/operator.md", "nvflare job abort"), {**values, "<id>": JOB_ID.search(out).group(0)})
+    stopped = JOB_ID.search(out).group(0)
+    box.run(_block("docs/operator.md", "nvflare job abort"), {**values, "<id>": stopped})
+    wait_until(lambda: _status(admin_kit, stopped) == "FINISHED:ABORTED", 120, f"job {stopped} to be aborted")
     api = box.run(_block("docs/operator.md", "new_secure_session("), values, timeout=600).stdout
     downloaded = Path(api.strip().splitlines()[-1])
     api_job = downloaded.name
@@ -269,6 +270,14 @@ def test_every_guide_command_runs_as_written(sandbox: Sandbox):
     _wait_gone(box, "stop_fl.sh to stop the server")
     not_run = [str(b) for b in (find(g, p) for g, p in WALKTHROUGH) if b not in box.ran]
     assert not not_run, f"walkthrough blocks this test did not run: {not_run}"
+
+
+def _status(admin_kit: Path, job_id: str) -> str:
+    session = _session(admin_kit)
+    try:
+        return session.get_job_meta(job_id)["status"]
+    finally:
+        session.close()
 
 
 def _session_clients(admin_kit: Path) -> set[str]:
