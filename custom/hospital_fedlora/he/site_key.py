@@ -59,7 +59,9 @@ class SiteEncryption(FLComponent):
             largest site's count (``encoding.contribution_weight``).
         packing: ``encoding.PackingSettings`` (bits 8 or 16, max_sites, ...), checked against the kit's key
             when the job starts; a combination that could overflow stops the site naming the setting.
-        context_file: the key file; default ``<kit>/startup/client_bfv_context.tenseal``.
+        context_file: not allowed. The key is always ``<kit>/startup/client_bfv_context.tenseal``, read
+            with the kit's signature check; a job that names another file (one its submitter could hold)
+            is refused at every site, whatever its privacy settings.
         rounding_seed: fixed seed for the stochastic rounding (tests only); default fresh randomness.
     """
 
@@ -74,7 +76,7 @@ class SiteEncryption(FLComponent):
         super().__init__()
         raw = {"clip": clip, "full_weight": full_weight, "packing": packing or {}, "rounding_seed": rounding_seed}
         self.settings = validate(EncryptionSettings, raw, f"job config, component {COMPONENT}", "docs/architecture.md")
-        self.context_file = context_file
+        self.job_key_file = context_file  # refused when the key is loaded, naming the argument
         self._key: SiteKey | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -93,7 +95,13 @@ class SiteEncryption(FLComponent):
         return self._key
 
     def _load(self, fl_ctx: FLContext) -> SiteKey:
-        context, origin = load_kit_context(fl_ctx, CLIENT_CONTEXT_FILE, self.context_file)
+        if self.job_key_file:
+            raise ConfigError(
+                f"job config, component {COMPONENT}, args 'context_file' ({self.job_key_file}): a hospital encrypts "
+                f"only with the key in its own kit (startup/{CLIENT_CONTEXT_FILE}, signature checked), never a "
+                "file the job names. Remove the argument"
+            )
+        context, origin = load_kit_context(fl_ctx, CLIENT_CONTEXT_FILE)
         if not context.has_secret_key:
             raise ValueError(
                 f"{fl_ctx.get_identity_name() or 'this site'}: the BFV context holds no secret key (is it the server's "
