@@ -75,8 +75,8 @@ def run_simulator(
     if workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True)
-    if plaintext_demo:
-        site_configs = plaintext_demo_configs(site_configs, workspace / "plaintext_demo_site_configs", sites)
+    if plaintext_demo:  # beside the workspace, as the log: the simulator starts its workspace afresh
+        site_configs = plaintext_demo_configs(site_configs, workspace.parent / f"{workspace.name}.site_configs", sites)
     # The simulator copies <workspace>/local into every site; FLARE 2.9 builds only allow-listed classes.
     (workspace / "local").mkdir()
     allow = list(DEFAULT_CLASS_ALLOW_LIST) + [PACKAGE_ALLOW_PREFIX]
