@@ -92,6 +92,28 @@ def test_every_kit_releases_memory_and_the_server_marks_jobs_a_crash_left_runnin
     assert ids(kits.server)["interrupted_jobs"] == "hospital_fedlora.deploy.interrupted_jobs.InterruptedJobs"
     for kit in kits.clients.values():
         assert "memory_keeper" in ids(kit) and "interrupted_jobs" not in ids(kit)
+        assert ids(kit)["no_remote_shell"] == "hospital_fedlora.deploy.no_remote_shell.NoRemoteShell"
+    assert "no_remote_shell" not in ids(kits.server)
+
+
+def test_a_hospital_refuses_shell_commands_even_when_the_request_skips_authorization():
+    """FLARE's client checks its policy only if the server's request asks; this processor answers none."""
+    from types import SimpleNamespace
+
+    from nvflare.apis.event_type import EventType
+    from nvflare.private.admin_defs import Message
+    from nvflare.private.defs import SysCommandTopic
+    from nvflare.private.fed.client.shell_cmd import ShellCommandProcessor
+
+    from hospital_fedlora.deploy.no_remote_shell import REFUSAL, NoRemoteShell
+    from flare_harness import Engine, fl_ctx
+
+    engine = Engine()
+    engine.admin_agent = SimpleNamespace(processors={SysCommandTopic.SHELL: ShellCommandProcessor()})
+    NoRemoteShell().handle_event(EventType.SYSTEM_START, fl_ctx("hospital-a", engine=engine))
+    processor = engine.admin_agent.processors[SysCommandTopic.SHELL]
+    reply = processor.process(Message(topic=SysCommandTopic.SHELL, body="cat startup/client.key"), None)
+    assert reply.body == REFUSAL
 
 
 def test_comm_config_sized_for_large_messages(kits):

@@ -62,12 +62,15 @@ COMM_CONFIG: dict[str, Any] = {
 MEMORY_KEEPER = {"id": "memory_keeper", "path": "hospital_fedlora.deploy.memory_keeper.MemoryKeeper", "args": {}}
 # A job a crashed server left RUNNING is marked finished when the server starts again, so it can be resumed.
 INTERRUPTED_JOBS = {"id": "interrupted_jobs", "path": "hospital_fedlora.deploy.interrupted_jobs.InterruptedJobs", "args": {}}
+# A hospital runs no shell command sent to it, whatever the server's request says (deploy/no_remote_shell.py).
+NO_REMOTE_SHELL = {"id": "no_remote_shell", "path": "hospital_fedlora.deploy.no_remote_shell.NoRemoteShell", "args": {}}
 
 
 def local_resources(kit: Path) -> dict[str, Any]:
     """``resources.json`` for ``kit``: FLARE's default, storage inside the kit, our package allowed, the
-    parent process's memory released regularly (``deploy/memory_keeper.py``) and, at the server, jobs a
-    crash left running marked finished (``deploy/interrupted_jobs.py``)."""
+    parent process's memory released regularly (``deploy/memory_keeper.py``), at the server jobs a crash
+    left running marked finished (``deploy/interrupted_jobs.py``), at hospitals no shell command run
+    (``deploy/no_remote_shell.py``)."""
     default = kit / "local" / "resources.json.default"
     try:
         resources = json.loads(default.read_text())
@@ -78,7 +81,9 @@ def local_resources(kit: Path) -> dict[str, Any]:
         for keys, folder in SERVER_STORAGE:
             _set(resources, keys, str((kit / "storage" / folder).resolve()), default)
     components = resources.setdefault("components", [])
-    for added in [MEMORY_KEEPER, INTERRUPTED_JOBS] if server else [MEMORY_KEEPER]:
+    hospital = (kit / "startup" / "fed_client.json").is_file()
+    added_here = [MEMORY_KEEPER, INTERRUPTED_JOBS] if server else [MEMORY_KEEPER, NO_REMOTE_SHELL] if hospital else [MEMORY_KEEPER]
+    for added in added_here:
         if not any(c.get("id") == added["id"] for c in components if isinstance(c, dict)):
             components.append(dict(added))
     allow = resources.get("class_allow_list")
