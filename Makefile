@@ -36,9 +36,10 @@ $(WORK)/data/hospital-a/train.jsonl: | $(VENV)/.installed
 demo: base-model data kits
 	$(PY) -m hospital_fedlora_tools.demo --mode real --workspace $(WORK) --jobs jobs
 
-# The plaintext job in FLARE's simulator (one process tree, no kits).
+# The plaintext job in FLARE's simulator (one process tree, no kits). The committed site configs require
+# encryption; --plaintext-demo runs the simulator's hospitals on copies that opt out (synthetic data).
 demo-sim: base-model data
-	$(PY) -m hospital_fedlora_tools.demo --mode simulator --workspace $(WORK) --jobs jobs --site-configs site_configs
+	$(PY) -m hospital_fedlora_tools.demo --mode simulator --workspace $(WORK) --jobs jobs --site-configs site_configs --plaintext-demo
 
 # Startup kits for everyone in provisioning/project.yml, ready to run (docs/admin.md).
 kits: setup
@@ -46,9 +47,12 @@ kits: setup
 
 # The real path (docs/operator.md): server and hospitals started from their kits on 127.0.0.1, the job
 # submitted as the admin through the FLARE API, followed round by round, result downloaded, all stopped.
+# The plaintext job runs on kits of its own whose hospitals opt out of privacy.require_encryption
+# (--plaintext-demo: synthetic data); the kits of `make kits` and `make demo` keep the gate on.
 .PHONY: demo-real
-demo-real: base-model data kits
-	$(PY) -m hospital_fedlora_tools.local_federation --kits $(WORK)/kits --job jobs/fedlora_plain --results $(WORK)/results
+demo-real: base-model data
+	$(PY) -m hospital_fedlora.deploy.kits --project provisioning/project.yml --workspace $(WORK)/kits-plaintext --site-configs site_configs --plaintext-demo
+	$(PY) -m hospital_fedlora_tools.local_federation --kits $(WORK)/kits-plaintext --job jobs/fedlora_plain --results $(WORK)/results
 
 test: base-model data
 	$(PY) -m pytest -q tests

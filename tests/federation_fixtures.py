@@ -40,7 +40,8 @@ def data_dir():
 @pytest.fixture(scope="session")
 def deployed_kits(tmp_path_factory, base_model_dir, data_dir):
     root = tmp_path_factory.mktemp("deployment")
-    configs = write_site_configs(root / "site_configs", Path(base_model_dir), Path(data_dir))
+    # they run jobs/fedlora_plain: the hospitals opt out of encryption (synthetic data)
+    configs = write_site_configs(root / "site_configs", Path(base_model_dir), Path(data_dir), privacy={"require_encryption": False})
     return provision_into(root / "provisioning", free_port(), configs)
 
 

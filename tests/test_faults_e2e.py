@@ -72,7 +72,8 @@ def fault_job(name: str, dest: Path, rounds: int = ROUNDS, **workflow) -> Path:
 def fed(tmp_path_factory, base_model_dir, data_dir):
     """A federation of its own: these tests kill its server."""
     root = tmp_path_factory.mktemp("faults")
-    configs = write_site_configs(root / "site_configs", Path(base_model_dir), Path(data_dir))
+    # they run jobs/fedlora_plain: the hospitals opt out of encryption (synthetic data)
+    configs = write_site_configs(root / "site_configs", Path(base_model_dir), Path(data_dir), privacy={"require_encryption": False})
     kits = provision_into(root / "provisioning", free_port(), configs)
     with LocalFederation(kits, echo=lambda s: None) as federation:
         yield federation

@@ -68,8 +68,11 @@ def train_counts(data_dir: Path) -> dict[str, int]:
 def four(tmp_path_factory, base_model_dir, data_dir):
     """Four hospitals' kits, both jobs run on them, the federation stopped: job ids, metas, results."""
     root = tmp_path_factory.mktemp("four_hospitals")
-    configs = write_site_configs(root / "site_configs", Path(base_model_dir), Path(data_dir))
-    write_site_configs(root / "site_configs", Path(base_model_dir), fourth_hospital_data(root / "data", Path(data_dir)), sites=(NEW,))
+    opted_out = {"require_encryption": False}  # they run jobs/fedlora_plain too (synthetic data)
+    configs = write_site_configs(root / "site_configs", Path(base_model_dir), Path(data_dir), privacy=opted_out)
+    write_site_configs(
+        root / "site_configs", Path(base_model_dir), fourth_hospital_data(root / "data", Path(data_dir)), sites=(NEW,), privacy=opted_out
+    )
     kits = provision_into(root / "provisioning", free_port(), configs, extra_clients=(NEW,))
     assert sorted(kits.clients) == HOSPITALS
     runs = {}

@@ -9,7 +9,10 @@ so a guide that drifts from the code fails here. What this sandbox changes, and 
 - the project's port is a free one (the guides say 8002; the test must not collide with anything);
 - the jobs are the committed ones shortened to one round of one local step (what the commands do with a
   job does not depend on its length);
-- placeholders a reader fills in (``<kits>``, ``<id>``, ``/opt/fl/hospital-a``) get this sandbox's values.
+- placeholders a reader fills in (``<kits>``, ``<id>``, ``/opt/fl/hospital-a``) get this sandbox's values;
+- the site configs hospital IT places by hand (the guides' ``/etc/fl/<site>.yaml``) opt out of
+  ``privacy.require_encryption``: the operator guide's commands then submit the plaintext job to them, on
+  synthetic data. The committed ones, which ``make demo`` places, keep the gate on.
 
 ``ELSEWHERE`` lists the few blocks another test or CI runs, with what ties them together; ``test_guides.py``
 checks (without running anything) that every block is named here or there.
@@ -74,7 +77,10 @@ _RESUME = ("tests/test_faults_e2e.py", ['"-m", "hospital_fedlora.deploy.resume_j
 ELSEWHERE = {
     ("docs/operator.md", "python -m hospital_fedlora_tools.local_federation"): (
         "Makefile",
-        ["$(PY) -m hospital_fedlora_tools.local_federation --kits $(WORK)/kits --job jobs/fedlora_plain --results $(WORK)/results"],
+        [
+            "$(PY) -m hospital_fedlora.deploy.kits --project provisioning/project.yml --workspace $(WORK)/kits-plaintext --site-configs site_configs --plaintext-demo",
+            "$(PY) -m hospital_fedlora_tools.local_federation --kits $(WORK)/kits-plaintext --job jobs/fedlora_plain --results $(WORK)/results",
+        ],
     ),
     ("docs/operator.md", "python -m hospital_fedlora.deploy.resume_job"): _RESUME,
     ("docs/server.md", "python -m hospital_fedlora.deploy.resume_job"): _RESUME,
@@ -115,6 +121,12 @@ def _checkout(root: Path, base_model: Path, data: Path, port: int) -> None:
             (venv / entry.name).symlink_to(entry)
     (venv / ".installed").touch()
     shutil.copytree(REPO / "site_configs", root / "site_configs")
+    (root / "etc").mkdir()  # same depth as site_configs/: their relative paths hold
+    for config in (REPO / "site_configs").glob("*.yaml"):
+        text = config.read_text()
+        assert "  require_encryption: true" in text, config
+        opted_out = "  require_encryption: false  # the operator walkthrough runs jobs/fedlora_plain on synthetic data"
+        (root / "etc" / config.name).write_text(text.replace("  require_encryption: true", opted_out))
     (root / "provisioning").mkdir()
     (root / "provisioning" / "project.yml").write_text(yaml.safe_dump(project_with_port(port), sort_keys=False))
     shutil.copytree(REPO / "jobs", root / "jobs")
@@ -197,7 +209,7 @@ def test_every_guide_command_runs_as_written(sandbox: Sandbox):
         sites[site] = _unpack(kit, opt / site)
         box.run(
             _block("docs/hospital-it.md", "--kit /opt/fl/hospital-a --site-config"),
-            {"/opt/fl/hospital-a": str(sites[site]), "/etc/fl/hospital-a.yaml": str(box.root / "site_configs" / f"{site}.yaml")},
+            {"/opt/fl/hospital-a": str(sites[site]), "/etc/fl/hospital-a.yaml": str(box.root / "etc" / f"{site}.yaml")},
         )
         assert (sites[site] / "local" / "site_config.yaml").is_file()
 

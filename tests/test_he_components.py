@@ -99,16 +99,26 @@ def server_ctx(rnd: int, global_model=None, workspace=None, job_id="job_he") -> 
     return ctx
 
 
-def make_encryption(path, **overrides) -> SiteEncryption:
-    args = {"clip": CLIP, "full_weight": FULL_WEIGHT, "packing": PACKING, "context_file": str(path), "rounding_seed": 11}
+def make_encryption(**overrides) -> SiteEncryption:
+    args = {"clip": CLIP, "full_weight": FULL_WEIGHT, "packing": PACKING, "rounding_seed": 11}
     return SiteEncryption(**{**args, **overrides})
+
+
+def kit_of(key_file: Path, site: str = "hospital-a") -> Engine:
+    """An engine whose workspace is a kit with ``key_file`` in startup/, where a hospital's key always comes from."""
+    root = key_file.parent / f"kit_{key_file.stem}"
+    workspace = kit_workspace(root, site)
+    (root / "startup" / CLIENT_CONTEXT_FILE).write_bytes(key_file.read_bytes())
+    return Engine(workspace=workspace)
 
 
 def make_filters(key_files, site="hospital-a", **overrides):
     """The site's key component and both filters, started as FLARE starts a job; returns the key they hold."""
-    enc = make_encryption(key_files["client"], **overrides)
+    enc = make_encryption(**overrides)
     encrypt, decrypt = EncryptFilter(), DecryptFilter()
-    start_run([encrypt, decrypt, enc], site_ctx(site, engine=Engine({"site_encryption": enc})))
+    engine = kit_of(key_files["client"], site)
+    engine.components["site_encryption"] = enc
+    start_run([encrypt, decrypt, enc], site_ctx(site, engine=engine))
     return encrypt.key, encrypt, decrypt
 
 
@@ -262,9 +272,9 @@ def test_the_server_context_cannot_decrypt_or_encrypt(filters, aggregator, key_f
     contribution = from_shareable(encrypted(encrypt, "hospital-a", diff_for("hospital-a", 0), 0))
     with pytest.raises(MissingSecretKeyError, match="no secret key"):
         decrypt_ints(aggregator.context, contribution.data[Data.CHUNKS], enc.plan, contribution.meta[Meta.N_VALUES], 1)
-    server_as_site = make_encryption(key_files["server"])
+    server_as_site = make_encryption()
     with pytest.raises(ValueError, match="holds no secret key"):
-        server_as_site.key(site_ctx("hospital-a"))
+        server_as_site.key(site_ctx("hospital-a", engine=kit_of(key_files["server"])))
 
 
 def test_aggregator_refuses_a_context_with_a_secret_key(key_files):
@@ -355,7 +365,7 @@ def test_stale_ciphertext_under_a_current_cookie_is_rejected_by_its_tag(filters,
 
 # ------------------------------------------------------------------------------------ keys and settings
 def test_missing_key_file_in_the_kit_is_named(tmp_path, key_files):
-    enc = make_encryption("")
+    enc = make_encryption()
     # its kit was provisioned without our builder
     engine = Engine({"site_encryption": enc}, workspace=kit_workspace(tmp_path, "hospital-a"))
     ctx = site_ctx("hospital-a", engine=engine)
@@ -373,20 +383,31 @@ def test_missing_key_file_in_the_kit_is_named(tmp_path, key_files):
 def test_key_file_found_in_the_kit_startup_folder(tmp_path, key_files):
     workspace = kit_workspace(tmp_path, "hospital-a")
     (tmp_path / "startup" / CLIENT_CONTEXT_FILE).write_bytes(key_files["client"].read_bytes())
-    enc = make_encryption("")
+    enc = make_encryption()
     assert enc.key(site_ctx("hospital-a", engine=Engine(workspace=workspace))).context.has_secret_key
 
 
 def test_settings_are_checked_at_construction_and_against_the_key(key_files):
     with pytest.raises(ConfigError, match=r"SiteEncryption: invalid configuration\n  field 'packing.bits'.*\(got 12\)"):
-        make_encryption(key_files["client"], packing={"bits": 12})
+        make_encryption(packing={"bits": 12})
     with pytest.raises(ConfigError, match=r"field 'clip'"):
-        make_encryption(key_files["client"], clip=-1.0)
+        make_encryption(clip=-1.0)
     with pytest.raises(ConfigError, match=r"field 'full_weight'"):
-        make_encryption(key_files["client"], full_weight=0)
-    overflowing = make_encryption(key_files["client"], packing={"bits": 16, "max_sites": 64})
+        make_encryption(full_weight=0)
+    overflowing = make_encryption(packing={"bits": 16, "max_sites": 64})
     with pytest.raises(ConfigError, match=r"args 'packing': .*max_sites=64"):
-        overflowing.key(site_ctx("hospital-a"))
+        overflowing.key(site_ctx("hospital-a", engine=kit_of(key_files["client"])))
+
+
+def test_a_job_cannot_name_the_hospitals_key_file(key_files, caplog):
+    """The key is the kit's, signature checked: a file the job names (one its submitter holds) is never read.
+    (A site that requires encryption also refuses such a job: test_site_privacy, test_privacy_gate_e2e.)"""
+    enc = make_encryption(context_file=str(key_files["foreign"]))
+    kit_key = make_filters(key_files)[0]
+    key = enc.key(site_ctx("hospital-a", engine=kit_of(key_files["client"])))
+    assert key.context.key_id == kit_key.context.key_id
+    assert key.context.key_id != make_filters({"client": key_files["foreign"]})[0].context.key_id
+    assert "args 'context_file' (" in caplog.text and "foreign.tenseal) ignored" in caplog.text
 
 
 # ------------------------------------------------------------------------------------ the log, catch-up

@@ -92,6 +92,28 @@ def test_every_kit_releases_memory_and_the_server_marks_jobs_a_crash_left_runnin
     assert ids(kits.server)["interrupted_jobs"] == "hospital_fedlora.deploy.interrupted_jobs.InterruptedJobs"
     for kit in kits.clients.values():
         assert "memory_keeper" in ids(kit) and "interrupted_jobs" not in ids(kit)
+        assert ids(kit)["no_remote_shell"] == "hospital_fedlora.deploy.no_remote_shell.NoRemoteShell"
+    assert "no_remote_shell" not in ids(kits.server)
+
+
+def test_a_hospital_refuses_shell_commands_even_when_the_request_skips_authorization():
+    """FLARE's client checks its policy only if the server's request asks; this processor answers none."""
+    from types import SimpleNamespace
+
+    from nvflare.apis.event_type import EventType
+    from nvflare.private.admin_defs import Message
+    from nvflare.private.defs import SysCommandTopic
+    from nvflare.private.fed.client.shell_cmd import ShellCommandProcessor
+
+    from hospital_fedlora.deploy.no_remote_shell import REFUSAL, NoRemoteShell
+    from flare_harness import Engine, fl_ctx
+
+    engine = Engine()
+    engine.admin_agent = SimpleNamespace(processors={SysCommandTopic.SHELL: ShellCommandProcessor()})
+    NoRemoteShell().handle_event(EventType.SYSTEM_START, fl_ctx("hospital-a", engine=engine))
+    processor = engine.admin_agent.processors[SysCommandTopic.SHELL]
+    reply = processor.process(Message(topic=SysCommandTopic.SHELL, body="cat startup/client.key"), None)
+    assert reply.body == REFUSAL
 
 
 def test_comm_config_sized_for_large_messages(kits):
@@ -111,6 +133,48 @@ def test_site_config_placed_with_absolute_paths(kits):
             assert Path(path).is_absolute(), (site, path)
         assert load_site_config(placed, expected_site=site) == load_site_config(REPO / "site_configs" / f"{site}.yaml")
     assert not (kits.server / "local" / "site_config.yaml").exists()
+
+
+def test_committed_site_configs_and_the_kits_made_from_them_require_encryption(kits):
+    for site, kit in kits.clients.items():
+        assert load_site_config(REPO / "site_configs" / f"{site}.yaml").privacy.require_encryption, site
+        assert load_site_config(kit / "local" / "site_config.yaml").privacy.require_encryption, site
+
+
+def test_the_plaintext_demo_opts_out_explicitly_saying_why(kits, tmp_path):
+    unpacked = shutil.copytree(kits.clients["hospital-a"], tmp_path / "hospital-a")
+    config = str(REPO / "site_configs" / "hospital-a.yaml")
+    with pytest.raises(SystemExit):  # nothing to opt out without a site config
+        kits_main(["--kit", str(unpacked), "--plaintext-demo"])
+    assert kits_main(["--kit", str(unpacked), "--site-config", config, "--plaintext-demo"]) == 0
+    placed = (unpacked / "local" / "site_config.yaml").read_text()
+    assert not load_site_config(unpacked / "local" / "site_config.yaml").privacy.require_encryption
+    assert "written by --plaintext-demo for the one-machine plaintext demo" in placed
+
+
+def test_hospital_kits_deny_shell_commands_and_custom_code_to_every_role(kits):
+    """FLARE's default lets the project admin (and each hospital's lead and org admin) `cat` files in the
+    site's workspace, startup/ and its key files included, and run jobs with their own code."""
+    from nvflare.fuel.sec.authz import AuthzContext, Person
+    from nvflare.security.security import COMMAND_CATEGORIES, FLAuthorizer
+
+    shell = [cmd for cmd, category in COMMAND_CATEGORIES.items() if category == "shell_commands"]
+    for site, kit in kits.clients.items():
+        default = json.loads((kit / "local" / "authorization.json.default").read_text())
+        policy = json.loads((kit / "local" / "authorization.json").read_text())
+        assert set(policy["permissions"]) == set(default["permissions"]) == {"project_admin", "org_admin", "lead", "member"}
+        for role, rights in policy["permissions"].items():
+            assert rights["shell_commands"] == "none" and rights["byoc"] == "none", (site, role)
+        authorizer = FLAuthorizer(site.replace("-", "_"), policy)
+        for role in policy["permissions"]:
+            user = Person("someone@x.org", site.replace("-", "_"), role)
+            for right in [*shell, "byoc"]:
+                assert not authorizer.authorize(AuthzContext(right=right, user=user, submitter=user))[0], (site, role, right)
+        admin = Person(ADMIN, "consortium", "project_admin")
+        for right in ("check_status", "abort_job", "shutdown", "submit_job", "download_job"):
+            assert authorizer.authorize(AuthzContext(right=right, user=admin, submitter=admin))[0], right
+    for kit in [kits.server, *kits.admins.values()]:
+        assert not (kit / "local" / "authorization.json").exists()
 
 
 def test_startup_folders_still_verify_against_their_root_ca(kits):
@@ -273,10 +337,10 @@ def test_a_failed_kits_run_leaves_the_previous_set_current(tmp_path, monkeypatch
     # A failure after `nvflare provision` (here: preparing hospital-b's kit) removes the new prod_NN.
     real_prepare = kits_module.prepare_kit
 
-    def failing_prepare(kit, site_config=None):
+    def failing_prepare(kit, site_config=None, plaintext_demo=False):
         if Path(kit).name == "hospital-b":
             raise KitError(f"{kit}/local/resources.json.default: injected failure")
-        real_prepare(kit, site_config)
+        real_prepare(kit, site_config, plaintext_demo)
 
     monkeypatch.setattr(kits_module, "prepare_kit", failing_prepare)
     assert kits_main(make_kits) == 1

@@ -48,6 +48,7 @@ DATA_PATH = [
 # they read the aggregate's metadata after each round; the job report also who answered
 OBSERVERS = ["server/round_metrics_log.py", "server/job_report.py"]
 HOUSEKEEPING = ["memory.py"]  # the hospital gives the round's freed memory back
+GATE = ["site/privacy_gate.py"]  # the hospital checks that the job's result filters encrypt the difference
 # The audit trail: each hospital signs a receipt of what it sends; the server chains the round into its log.
 AUDIT = ["audit/receipt_filter.py", "audit/receipts.py", "audit/digest.py", "audit/audit_log.py", "audit/chain.py"]
 
@@ -110,7 +111,7 @@ def federation(tmp_path_factory, base_model_dir, data_dir):
 
 def test_one_round_enters_exactly_the_modules_of_the_data_path(federation):
     entered = trace_modules(lambda: federation.round(1))
-    assert entered == set(DATA_PATH + OBSERVERS + AUDIT + HOUSEKEEPING)
+    assert entered == set(DATA_PATH + OBSERVERS + AUDIT + HOUSEKEEPING + GATE)
     assert len(DATA_PATH) <= 12
 
 

@@ -24,7 +24,8 @@ def shrink_job(tmp_path: Path, rounds: int, steps: int) -> Path:
 @pytest.fixture(scope="module")
 def sim_run(tmp_path_factory, base_model_dir, data_dir):
     tmp = tmp_path_factory.mktemp("sim")
-    run_dir = run_simulator(shrink_job(tmp, rounds=2, steps=8), tmp / "ws", REPO / "site_configs", show=lambda s: None)
+    job = shrink_job(tmp, rounds=2, steps=8)
+    run_dir = run_simulator(job, tmp / "ws", REPO / "site_configs", show=lambda s: None, plaintext_demo=True)
     return run_dir
 
 
@@ -78,11 +79,12 @@ def test_each_site_kept_the_final_adapter(sim_run):
 
 
 def site_configs_with(tmp_path: Path, site: str, old: str, new: str) -> Path:
-    """The committed site configs, with one edit in ``site``'s."""
+    """The committed site configs opted out of encryption (the plaintext job), with one edit in ``site``'s."""
     configs = tmp_path / "site_configs"
     configs.mkdir()
     for s in SITES:
         text = (REPO / "site_configs" / f"{s}.yaml").read_text().replace("../workspace", str(REPO / "workspace"))
+        text = text.replace("require_encryption: true", "require_encryption: false")
         (configs / f"{s}.yaml").write_text(text.replace(old, new) if s == site else text)
     return configs
 

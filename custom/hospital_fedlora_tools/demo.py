@@ -4,7 +4,8 @@
 their provisioned startup kits as separate processes on 127.0.0.1, the admin submits the job through the
 FLARE API, follows it round by round, downloads the result, and everything is stopped.
 ``--mode simulator`` (``make demo-sim``, the plaintext job by default): the same job code in FLARE's
-simulator.
+simulator. ``--plaintext-demo`` (``make demo-sim`` passes it) runs the simulator's hospitals on copies of
+the site configs that opt out of ``privacy.require_encryption``, saying why; the committed ones keep it on.
 
 Both print progress live, then a per-round table (each site's train and validation loss), and end with
 base model versus federated adapter validation loss for every hospital, as each hospital measured it on
@@ -25,7 +26,7 @@ from pathlib import Path
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
 from hospital_fedlora.adapter_files import GLOBAL_ADAPTER_DIR
-from hospital_fedlora.deploy.kits import PACKAGE_ALLOW_PREFIX, KitError, latest_prod_dir
+from hospital_fedlora.deploy.kits import PACKAGE_ALLOW_PREFIX, KitError, latest_prod_dir, write_site_config
 from hospital_fedlora.protocol import Meta, Metric
 from hospital_fedlora.server.round_metrics_log import ROUND_METRICS_FILE
 from hospital_fedlora.site.executor import SITE_CONFIGS_ENV
@@ -56,11 +57,26 @@ def derive_job(job_dir: Path, dst: Path, num_rounds: int | None = None, local_st
     return job
 
 
-def run_simulator(job_dir: Path, workspace: Path, site_configs: Path, sites=SITES, show=print) -> Path:
-    """Run ``job_dir`` in the simulator with the site configs in ``site_configs``; return the server's run folder."""
+def plaintext_demo_configs(site_configs: Path, dest: Path, sites=SITES) -> Path:
+    """Copies of ``<site_configs>/<site>.yaml`` in ``dest``, paths absolute, opted out of encryption."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for site in sites:
+        source = Path(site_configs) / f"{site}.yaml"
+        header = f"# {site}'s site configuration for the simulator, from {source.resolve()} (paths resolved).\n"
+        write_site_config(source, dest / f"{site}.yaml", header, plaintext_demo=True)
+    return dest
+
+
+def run_simulator(
+    job_dir: Path, workspace: Path, site_configs: Path, sites=SITES, show=print, plaintext_demo: bool = False
+) -> Path:
+    """Run ``job_dir`` in the simulator with the site configs in ``site_configs`` (opted out of encryption
+    with ``plaintext_demo``); return the server's run folder."""
     if workspace.exists():
         shutil.rmtree(workspace)
     workspace.mkdir(parents=True)
+    if plaintext_demo:  # beside the workspace, as the log: the simulator starts its workspace afresh
+        site_configs = plaintext_demo_configs(site_configs, workspace.parent / f"{workspace.name}.site_configs", sites)
     # The simulator copies <workspace>/local into every site; FLARE 2.9 builds only allow-listed classes.
     (workspace / "local").mkdir()
     allow = list(DEFAULT_CLASS_ALLOW_LIST) + [PACKAGE_ALLOW_PREFIX]
@@ -156,12 +172,14 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=Path, default=Path("jobs"), help="the repository's jobs folder")
     p.add_argument("--site-configs", type=Path, default=Path("site_configs"), help="simulator: one <site>.yaml each")
     p.add_argument("--job", type=Path, help="default: <jobs>/fedlora_he (real), <jobs>/fedlora_plain (simulator)")
+    p.add_argument("--plaintext-demo", action="store_true",
+                   help="simulator: the hospitals opt out of privacy.require_encryption (synthetic data only)")  # fmt: skip
     args = p.parse_args(argv)
     job = args.job or args.jobs / ("fedlora_he" if args.mode == "real" else "fedlora_plain")
     if args.mode == "simulator":
         sim_ws = args.workspace / "simulator" / job.name
         print(f"Running {job.name} in the FLARE simulator with {', '.join(SITES)} (workspace {sim_ws})")
-        run_dir = run_simulator(job, sim_ws, args.site_configs)
+        run_dir = run_simulator(job, sim_ws, args.site_configs, plaintext_demo=args.plaintext_demo)
         adapters = [run_dir / GLOBAL_ADAPTER_DIR]
     else:
         try:

@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         t0 = time.monotonic()
         subprocess.run(
             [sys.executable, "-m", "hospital_fedlora.deploy.kits", "--project", str(tmp / "project.yml"),
-             "--workspace", str(tmp / "kits"), "--site-configs", str(REPO / "site_configs")],
+             "--workspace", str(tmp / "kits"), "--site-configs", str(REPO / "site_configs"), "--plaintext-demo"],
             check=True, stdout=subprocess.DEVNULL,
         )  # fmt: skip
         kits_s = time.monotonic() - t0
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
             job_log = (result / "workspace" / "log.txt").read_text()  # the server's job log
         deployed = summarize(round_overheads(job_log, result / "workspace" / "round_metrics.jsonl"))
 
-        sim_dir = run_simulator(job, tmp / "sim", REPO / "site_configs", show=lambda s: None)
+        sim_dir = run_simulator(job, tmp / "sim", REPO / "site_configs", show=lambda s: None, plaintext_demo=True)
         simulated = summarize(round_overheads((tmp / "sim.log").read_text(), sim_dir / "round_metrics.jsonl"))
 
     report = {

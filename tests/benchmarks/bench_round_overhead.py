@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(dir=REPO / "workspace") as tmp:
         tmp = Path(tmp)
-        run_dir = run_simulator(derive_job(REPO / "jobs" / "fedlora_plain", tmp, args.rounds, args.steps), tmp / "ws", REPO / "site_configs", show=lambda s: None)
+        run_dir = run_simulator(derive_job(REPO / "jobs" / "fedlora_plain", tmp, args.rounds, args.steps), tmp / "ws", REPO / "site_configs", show=lambda s: None, plaintext_demo=True)
         result = summarize(round_overheads((tmp / "ws.log").read_text(), run_dir / "round_metrics.jsonl"))
     result.update({"mode": "simulator", "sites": 3, "local_steps": args.steps})
     args.out.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,9 @@
 
 In a FLARE job process the kit's ``startup/`` is FLARE's signed content folder, so the file is read
 through ``SecurityContentService``: in secure mode an unsigned or altered file is refused, as FLARE does
-for its own HE contexts. An explicit path (tests, POC without kits) is read as it is.
+for its own HE contexts. An explicit path is read as it is, unchecked: only the server's key-less context
+takes one (``EncryptedSumAggregator``'s ``context_file``); a hospital's secret key is always the kit's
+(``site_key.SiteEncryption`` refuses a job that names a file).
 """
 
 from __future__ import annotations

@@ -59,7 +59,10 @@ class SiteEncryption(FLComponent):
             largest site's count (``encoding.contribution_weight``).
         packing: ``encoding.PackingSettings`` (bits 8 or 16, max_sites, ...), checked against the kit's key
             when the job starts; a combination that could overflow stops the site naming the setting.
-        context_file: the key file; default ``<kit>/startup/client_bfv_context.tenseal``.
+        context_file: never used. The key is always ``<kit>/startup/client_bfv_context.tenseal``, read
+            with the kit's signature check, whatever the job says: a file the job names (one its submitter
+            could hold) is ignored with a warning, and a site that requires encryption refuses the job
+            (``site/privacy_gate.py``, which names the site config and this argument in the job report).
         rounding_seed: fixed seed for the stochastic rounding (tests only); default fresh randomness.
     """
 
@@ -74,7 +77,7 @@ class SiteEncryption(FLComponent):
         super().__init__()
         raw = {"clip": clip, "full_weight": full_weight, "packing": packing or {}, "rounding_seed": rounding_seed}
         self.settings = validate(EncryptionSettings, raw, f"job config, component {COMPONENT}", "docs/architecture.md")
-        self.context_file = context_file
+        self.job_key_file = context_file  # never read: named in a warning only
         self._key: SiteKey | None = None
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
@@ -93,7 +96,13 @@ class SiteEncryption(FLComponent):
         return self._key
 
     def _load(self, fl_ctx: FLContext) -> SiteKey:
-        context, origin = load_kit_context(fl_ctx, CLIENT_CONTEXT_FILE, self.context_file)
+        if self.job_key_file:
+            self.log_warning(
+                fl_ctx,
+                f"job config, component {COMPONENT}, args 'context_file' ({self.job_key_file}) ignored: a hospital "
+                f"encrypts only with the key in its own kit (startup/{CLIENT_CONTEXT_FILE}, signature checked)",
+            )
+        context, origin = load_kit_context(fl_ctx, CLIENT_CONTEXT_FILE)
         if not context.has_secret_key:
             raise ValueError(
                 f"{fl_ctx.get_identity_name() or 'this site'}: the BFV context holds no secret key (is it the server's "

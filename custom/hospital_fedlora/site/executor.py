@@ -24,7 +24,7 @@ from ..memory import release_memory
 from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, ROUND_TEXT, Meta, Metric
 from .dataset import load_records
 from .model_loading import apply_lora, choose_placement, load_base_model
-from .privacy_gate import check_job_allowed
+from .privacy_gate import check_job_allowed, check_result
 from .trainer import (
     LocalTrainer,
     StepReport,
@@ -66,7 +66,9 @@ class LoraExecutor(Executor):
     PEFT format in the site's run folder) and ``submit_model`` (the current adapter). The site's own
     settings come from its site config: ``<kit>/local/site_config.yaml``, or
     ``$HOSPITAL_FEDLORA_SITE_CONFIGS/<site>.yaml`` in the simulator. A site that cannot set up answers
-    every task with an error reply whose ``ERROR_HEADER`` names the cause.
+    every task with an error reply whose ``ERROR_HEADER`` names the cause. With the site's
+    ``privacy.require_encryption`` on, every result holding adapter values is checked against the job's
+    result filters (``privacy_gate.check_result``) and refused unless they encrypt it.
 
     Args:
         recipe: the job's ``config.TrainingRecipe`` fields that differ from its defaults (the shipped recipe).
@@ -100,6 +102,8 @@ class LoraExecutor(Executor):
         self.run_dir: Path | None = None
         self.initial_state: dict | None = None
         self.layout: AdapterLayout | None = None  # the adapter every global adapter must match
+        self.site_source = ""  # the site config's path, named in refusals
+        self.client_config: Path | None = None  # the job's client config as FLARE deployed it (the gate reads it)
         self._setup_error: str | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -119,10 +123,9 @@ class LoraExecutor(Executor):
         self.run_dir = Path(workspace.get_run_dir(fl_ctx.get_job_id()))
         config_path = find_site_config(Path(workspace.get_root_dir()), name)
         self.site = site = load_site_config(config_path, expected_site=name)
-        source = str(config_path)
-        check_job_allowed(
-            site.privacy, Path(workspace.get_client_app_config_file_path(fl_ctx.get_job_id())), self.train_task, source
-        )
+        self.site_source = source = str(config_path)
+        self.client_config = Path(workspace.get_client_app_config_file_path(fl_ctx.get_job_id()))
+        check_job_allowed(site.privacy, self.client_config, self.train_task, source)
         if site.num_threads:
             torch.set_num_threads(site.num_threads)
         train_records = load_records(site.data, "train", source)
@@ -163,9 +166,15 @@ class LoraExecutor(Executor):
         if self._setup_error or self.trainer is None:
             return self._error_reply(ReturnCode.EXECUTION_EXCEPTION, self._setup_error or "site is not set up")
         try:
-            return handler(shareable, fl_ctx, abort_signal)
+            result = handler(shareable, fl_ctx, abort_signal)
+            # Whatever the task is called: adapter values leave only through a filter that encrypts them.
+            check_result(self.site.privacy, self.client_config, task_name, result, self.site_source)
+            return result
         except _Aborted:
             return make_reply(ReturnCode.TASK_ABORTED)
+        except ConfigError as err:
+            self.log_error(fl_ctx, f"task {task_name} refused: {err}")
+            return self._error_reply(ReturnCode.EXECUTION_EXCEPTION, str(err))
         except Exception as err:
             self.log_error(fl_ctx, f"task {task_name} failed: {err}\n{traceback.format_exc()}")
             return self._error_reply(ReturnCode.EXECUTION_EXCEPTION, f"{task_name} failed: {type(err).__name__}: {err}")
@@ -265,9 +274,4 @@ class LoraExecutor(Executor):
         return DXO(DataKind.METRICS, data=metrics).to_shareable()
 
     def _submit_model(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        if self.site.privacy.require_encryption:
-            raise PermissionError(
-                "submit_model would send this site's adapter in the clear; its site config sets "
-                "privacy.require_encryption"
-            )
-        return self._current_adapter()
+        return self._current_adapter()  # in the clear: the privacy gate refuses it where encryption is required
