@@ -1,0 +1,135 @@
+"""Aggregate MAC: a linear tag in reserved encrypted slots, so a hospital can tell an honest sum from a forgery.
+
+Each hospital appends ``k`` tag slots ``tau_j = <alpha_j, m> + beta_j(site) mod t`` to the slots ``m`` it
+encrypts; ciphertext sums add the tags. After decrypting, a hospital recomputes ``<alpha_j, M> + sum of
+beta_j(s)`` over the listed contributors and refuses the aggregate on any difference. ``alpha`` and
+``beta`` come from a MAC key that only the holders of the BFV secret key can derive (HKDF of the secret
+key), bound to the job, round, key, adapter layout and lane plan; ``beta`` also to the site and its
+example count. Why this is enough, and what it does not cover: ``docs/security.md``. Pure numeric code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .bfv_context import MissingSecretKeyError
+
+SECURITY_BITS = 40  # forgery probability per attempt at most 2**-SECURITY_BITS
+_SALT = b"hospital_fedlora aggregate MAC v1"
+_LIMB = 20  # alpha and slots split in 20-bit limbs: a limb product < 2**40, 2**20 of them sum below 2**60
+_BLOCK = 1 << 20
+
+
+class AggregateRefused(ValueError):
+    """A hospital refuses an aggregate: it is not what the listed hospitals sent (MAC), or too few sent it."""
+
+
+def mac_slots(plain_modulus: int) -> int:
+    """Tag slots needed: each one lets a forgery through with probability at most ``2**-(bits(t) - 1)``."""
+    return math.ceil(SECURITY_BITS / (plain_modulus.bit_length() - 1))
+
+
+def _hkdf(ikm: bytes, info: bytes, length: int, salt: bytes | None = None) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=salt, info=info).derive(ikm)
+
+
+@dataclass(frozen=True)
+class MacKey:
+    """The hospitals' MAC key: derived from the BFV secret key, which the server's kit never holds."""
+
+    key: bytes = field(repr=False)
+    plain_modulus: int
+    n_slots: int
+
+    @classmethod
+    def from_context(cls, context) -> "MacKey":
+        """From a ``bfv_context.BFVContext`` holding the secret key (a hospital's)."""
+        if not context.has_secret_key:
+            raise MissingSecretKeyError("the aggregate MAC key derives from the BFV secret key; this context has none")
+        secret = context.ts_context.serialize(
+            save_public_key=False, save_secret_key=True, save_galois_keys=False, save_relin_keys=False
+        )
+        key = _hkdf(secret, b"aggregate MAC key " + context.key_id.encode(), 32, salt=_SALT)
+        return cls(key, context.plain_modulus, mac_slots(context.plain_modulus))
+
+    def for_round(self, job: str, rnd: int, binding: Mapping[str, object]) -> "RoundMac":
+        """The MAC of one job's round; ``binding`` holds what the receiver uses to read the aggregate
+        (layout fingerprint, value count, lane plan): change any of it and the tags no longer match."""
+        text = json.dumps({"job": str(job), "round": int(rnd), **binding}, sort_keys=True, separators=(",", ":"))
+        return RoundMac(self, text.encode())
+
+
+def binding(key_id: str, layout_fingerprint: str, n_values: int, lane_fields: Mapping[str, int], n_slots: int) -> dict:
+    """What a hospital uses to read an aggregate besides the job and round: all of it is bound into the MAC."""
+    return {"key_id": key_id, "layout": layout_fingerprint, "values": int(n_values), **lane_fields, "mac_slots": n_slots}
+
+
+class RoundMac:
+    """Tags and checks for one round: ``alpha`` (secret coefficients) is drawn once and kept."""
+
+    def __init__(self, key: MacKey, binding: bytes):
+        self.key, self.binding = key, binding
+        self._alpha: tuple[int, np.ndarray] | None = None  # (length, limbs of shape (k, 3, n))
+
+    @property
+    def n_slots(self) -> int:
+        return self.key.n_slots
+
+    def _alpha_limbs(self, n: int) -> np.ndarray:
+        if self._alpha is None or self._alpha[0] != n:
+            k, t = self.key.n_slots, self.key.plain_modulus
+            aes_key = _hkdf(self.key.key, b"alpha " + self.binding, 32)
+            stream = Cipher(algorithms.AES(aes_key), modes.CTR(b"\0" * 16)).encryptor().update(b"\0" * (8 * k * n))
+            # Uniform below 2**(bits(t) - 1) < t: each alpha takes any one value with probability 2**-(bits(t)-1).
+            alpha = np.frombuffer(stream, dtype=np.int64).reshape(k, n) & ((1 << (t.bit_length() - 1)) - 1)
+            limbs = np.stack([(alpha >> (_LIMB * j)) & ((1 << _LIMB) - 1) for j in range(3)], axis=1)
+            self._alpha = (n, limbs)
+        return self._alpha[1]
+
+    def nonce(self, site: str, example_count: int) -> list[int]:
+        """``beta(job, round, site, example count)``, one value mod t per tag slot."""
+        t, k = self.key.plain_modulus, self.key.n_slots
+        info = b"beta " + self.binding + b" " + json.dumps([str(site), int(example_count)]).encode()
+        raw = _hkdf(self.key.key, info, 16 * k)
+        return [int.from_bytes(raw[16 * j : 16 * (j + 1)], "big") % t for j in range(k)]
+
+    def dot(self, slots: np.ndarray) -> list[int]:
+        """``<alpha_j, slots> mod t`` for every tag slot, exactly (slots: int64 values in ``[0, t)``)."""
+        s = np.ascontiguousarray(slots, dtype=np.int64)
+        alpha = self._alpha_limbs(s.size)
+        s_limbs = [(s >> (_LIMB * j)) & ((1 << _LIMB) - 1) for j in range(3)]
+        out = []
+        for a in alpha:  # one tag slot
+            total = 0
+            for lo in range(0, s.size, _BLOCK):
+                hi = lo + _BLOCK
+                for i in range(3):
+                    for j in range(3):
+                        total += int(np.dot(a[i, lo:hi], s_limbs[j][lo:hi])) << (_LIMB * (i + j))
+            out.append(total % self.key.plain_modulus)
+        return out
+
+    def tags(self, slots: np.ndarray, site: str, example_count: int) -> list[int]:
+        """The tag slots a site appends to its contribution ``slots``."""
+        t = self.key.plain_modulus
+        return [(d + b) % t for d, b in zip(self.dot(slots), self.nonce(site, example_count))]
+
+    def check(self, slots: np.ndarray, tags: list[int], example_counts: Mapping[str, int], source: str) -> None:
+        """Raise ``AggregateRefused`` unless ``tags`` are those of the exact sum of the listed sites' contributions."""
+        t = self.key.plain_modulus
+        nonces = [self.nonce(s, c) for s, c in example_counts.items()]
+        expected = [(d + sum(b[j] for b in nonces)) % t for j, d in enumerate(self.dot(slots))]
+        if [int(x) % t for x in tags] != expected:
+            raise AggregateRefused(
+                f"{source}: fails the aggregate MAC check (privacy: verify the sum): it is not exactly the sum of "
+                f"the contributions of {sorted(example_counts)} for this job and round, each counted once. The server "
+                "altered, scaled, relabelled, replayed or mixed contributions; nothing was applied"
+            )
