@@ -19,7 +19,7 @@ from .aggregate_mac import AggregateRefused, MacKey, binding
 from .encoding import contribution_weight, dequantize
 from .packed_bfv import decrypt_ints
 from .site_key import SiteKey, load_site_key
-from .wire_format import LogEntry, LogError
+from .wire_format import CiphertextError, LogEntry, LogError
 
 
 class DecryptFilter(DXOFilter):
@@ -33,8 +33,8 @@ class DecryptFilter(DXOFilter):
     exact sum of the listed hospitals' contributions for this job and round, each counted once. Then it is
     unpacked, dequantized, divided by its total weight and added to the site's cumulative change. The executor receives that change as a ``WEIGHT_DIFF`` relative to the seeded initial adapter
     (identical at every site), so every site holds the same global adapter. A batch of entries is applied
-    all or nothing; the state lives for one job in this process. A refused round (MAC, floor) leaves the
-    task data with ``protocol.REFUSED_HEADER`` naming the check and no adapter: the executor answers the
+    all or nothing; the state lives for one job in this process. A refused log (any of these checks) leaves
+    the task data with ``protocol.REFUSED_HEADER`` naming the check and no adapter: the executor answers the
     task with that error, so the job stops with the hospital's reason.
 
     Args:
@@ -72,10 +72,11 @@ class DecryptFilter(DXOFilter):
                 self.key, self.setup_error = None, str(err)
 
     def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        """As ``DXOFilter.process``; a refused aggregate becomes task data that says why and holds nothing."""
+        """As ``DXOFilter.process``; a refused aggregate becomes task data that says why and holds nothing
+        (raised, FLARE would answer the task with a bare TASK_DATA_FILTER_ERROR: the server would not see why)."""
         try:
             return super().process(shareable, fl_ctx)
-        except AggregateRefused as err:
+        except (AggregateRefused, LogError, CiphertextError) as err:
             self.log_error(fl_ctx, f"refused the server's aggregate, applied nothing: {err}")
             refused = DXO(EncryptedKind.REFUSED, data={}, meta={Meta.REFUSED: str(err)}).to_shareable()
             refused.set_header(REFUSED_HEADER, str(err))
