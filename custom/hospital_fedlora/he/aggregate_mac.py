@@ -87,10 +87,12 @@ class RoundMac:
         if self._alpha is None or self._alpha[0] != n:
             k, t = self.key.n_slots, self.key.plain_modulus
             aes_key = _hkdf(self.key.key, b"alpha " + self.binding, 32)
-            stream = Cipher(algorithms.AES(aes_key), modes.CTR(b"\0" * 16)).encryptor().update(b"\0" * (8 * k * n))
-            # Uniform below 2**(bits(t) - 1) < t: each alpha takes any one value with probability 2**-(bits(t)-1).
-            alpha = np.frombuffer(stream, dtype=np.int64).reshape(k, n) & ((1 << (t.bit_length() - 1)) - 1)
-            limbs = np.stack([(alpha >> (_LIMB * j)) & ((1 << _LIMB) - 1) for j in range(3)], axis=1)
+            stream = Cipher(algorithms.AES(aes_key), modes.CTR(b"\0" * 16)).encryptor().update(b"\0" * (12 * k * n))
+            # alpha = sum of limb_j << (20 j), drawn limb by limb: uniform below 2**(bits(t) - 1) < t, so each
+            # alpha takes any one value with probability 2**-(bits(t)-1).
+            top = t.bit_length() - 1 - 2 * _LIMB
+            masks = np.array([(1 << _LIMB) - 1, (1 << _LIMB) - 1, (1 << top) - 1], dtype=np.uint32).reshape(1, 3, 1)
+            limbs = (np.frombuffer(stream, dtype=np.uint32).reshape(k, 3, n) & masks).astype(np.int64)
             self._alpha = (n, limbs)
         return self._alpha[1]
 
