@@ -134,7 +134,9 @@ def markdown(section: dict, mac_slots: int, plain_modulus_bits: int, generated: 
         )
     return f"""## The aggregate MAC's cost
 
-Measured {generated}, on the adapter above.
+Measured {generated}, on the adapter above. The tables above come from the run that wrote them (its
+date above; the packed rows of a run before the MAC existed do not include it); `--mac-only` refreshes
+only this section.
 Every hospital appends {mac_slots} tag slot(s) (plain modulus of {plain_modulus_bits} bits: forgery
 probability at most 2^-{plain_modulus_bits - 1} per slot, target 2^-40) and verifies every aggregate it
 applies (`he/aggregate_mac.py`, [`../security.md`](../security.md)). Ratios with the MAC over without it, on
