@@ -29,3 +29,7 @@ def test_he_benchmark_quick_run_reports_every_mode_within_its_error_bounds(tmp_p
         assert m["max_abs_error"]["max"] <= report["error_bound_abs"][name], name
     assert modes["plaintext_fp32"]["relative_l2_error"]["max"] < 1e-6
     assert (tmp_path / "he_aggregation.md").read_text().startswith("# Encrypted aggregation")
+    # the aggregate MAC, measured beside the packed core without it: its tag slots cost at most 2% more bytes
+    for name in ("packed_bfv_int16", "packed_bfv_int8"):
+        assert report["mac_overhead"][name]["with_over_without"]["up_bytes_per_site"]["max"] <= 1.02, name
+    assert "## The aggregate MAC's cost" in (tmp_path / "he_aggregation.md").read_text()

@@ -109,6 +109,13 @@ class PrivacySettings(StrictModel):
         description="send adapter updates only encrypted (jobs/fedlora_he); a job that would send them in the "
         "clear is refused before training starts",
     )
+    min_contributors: int = Field(
+        2,
+        ge=2,
+        description="apply an encrypted round's aggregate only if at least this many distinct hospitals, verified by "
+        "the aggregate MAC, contributed to it; set it to the job's number of hospitals to refuse any round "
+        "closed without one (then one absent hospital stops the job)",
+    )
 
 
 class SiteConfig(StrictModel):

@@ -14,6 +14,7 @@ class EncryptedKind:
     DIFF = "PACKED_BFV_WEIGHT_DIFF"  # one hospital's encrypted adapter change
     SUM = "PACKED_BFV_WEIGHT_DIFF_SUM"  # the server's sum of one round's encrypted changes
     LOG = "PACKED_BFV_ADAPTER_LOG"  # entries of the encrypted round log, sent to the hospitals
+    REFUSED = "PACKED_BFV_AGGREGATE_REFUSED"  # inside a site: what the decrypt filter hands on for a refused log
 
 
 class Meta:
@@ -38,6 +39,7 @@ class Meta:
     WEIGHT_FACTORS = "weight_factors"  # site -> weight factor
     EXAMPLE_COUNTS = "example_counts"  # site -> number of training examples
     SITE_METRICS = "site_metrics"  # site -> its ``METRICS``
+    JOB = "job"  # an encrypted log entry: the job (run) whose round it is; its aggregate MAC binds it
 
     # the encrypted log message
     LOG_ROUNDS = "log_rounds"  # entries the server's log holds
@@ -46,6 +48,7 @@ class Meta:
     # inside a site: the decrypt filter hands the executor the change since the seeded initial adapter
     RELATIVE_TO = "relative_to"
     APPLIED_ROUNDS = "applied_rounds"
+    REFUSED = "refused"  # with ``EncryptedKind.REFUSED``: why the hospital refused the aggregate
 
 
 INITIAL_ADAPTER = "initial_adapter"  # the value of ``Meta.RELATIVE_TO``
@@ -74,6 +77,10 @@ class Metric:
 
 # A site that cannot do a task says why in this header of its error reply, so the server's log names the cause.
 ERROR_HEADER = "hospital_fedlora_error"
+
+# A hospital that refuses the server's aggregate (aggregate MAC, contributor floor) says why in this header of
+# the task data its decrypt filter hands the executor, which answers the task with that error (ERROR_HEADER).
+REFUSED_HEADER = "hospital_fedlora_aggregate_refused"
 
 # How a round is written for people (logs, progress, the job report): 0-based as FLARE's workflows count,
 # with the job's range, e.g. "round 0 of 0..2" is the first of three.

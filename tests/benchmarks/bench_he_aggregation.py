@@ -13,12 +13,16 @@ the job sends (``tests/job_in_process.py``):
 * ``plaintext_fp32`` (``jobs/fedlora_plain``): ``FedAvgAdapterAggregator`` -> ``FullModelShareableGenerator``
   + ``AdapterPersistor``.
 
+Besides, the aggregate MAC's cost: the packed mode's numeric core with and without it, side by side in
+every repeat (``mac_overhead.py``).
+
 Every repeat runs every mode, interleaved; CPU figures are the median of the repeats with their range.
 Server CPU counts the same for every mode: deserializing the uploads, every contribution check, the
 aggregation, the new global state (log entry and hash, or global model), its persistence and the next
 task's serialization; loading keys at job start is reported apart for both HE modes.
 
-Usage: ``python tests/benchmarks/bench_he_aggregation.py --out docs/benchmarks [--quick] [--repeats 3]``.
+Usage: ``python tests/benchmarks/bench_he_aggregation.py --out docs/benchmarks [--quick] [--repeats 3]
+[--mac-repeats 5]``.
 """
 
 from __future__ import annotations
@@ -48,14 +52,18 @@ from hospital_fedlora.he.bfv_context import (  # noqa: E402
     CLIENT_CONTEXT_FILE,
     SERVER_CONTEXT_FILE,
     BFVParams,
+    load_context,
     make_context,
     serialize_context,
 )
+from hospital_fedlora.he.aggregate_mac import mac_slots  # noqa: E402
 from hospital_fedlora.he.encoding import contribution_weight, step_size  # noqa: E402
 from hospital_fedlora.he.wire_format import CHUNK_MAGIC, unframe  # noqa: E402
 from hospital_fedlora.protocol import Data, Meta  # noqa: E402
 
 from job_in_process import REPO, JobInProcess  # noqa: E402
+from mac_overhead import markdown as mac_markdown  # noqa: E402
+from mac_overhead import measure as measure_mac  # noqa: E402
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
 EXAMPLES = [240, 160, 120]  # the demo federation's training examples per site
@@ -328,8 +336,40 @@ Ratios of CPU time are taken per repeat (both sides measured in the same repeat)
 - **Data**: per-site differences with std {DIFF_STD:g}, correlated between sites.
 
 Packing, lanes and why these parameters: [`../he.md`](../he.md).
-"""
+
+{mac_markdown(report["mac_overhead"], report["mac_slots"], report["he_settings"]["bfv"]["plain_modulus_bits"], report["mac_generated"])}"""
     path.write_text(text)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {sys.version.split()[0]}, tenseal {ts.__version__}"
+
+
+def mac_overhead(args, made, keys, layout, diffs) -> dict:
+    print("aggregate MAC: packed core with and without it ...", flush=True)
+    server_made = load_context(keys["server"])
+    return measure_mac(made, server_made, layout, diffs, EXAMPLES, SITES, FITTED["clip"], FITTED["full_weight"], args.mac_repeats)
+
+
+def update_mac_section(args, made, keys, layout, diffs, layers: int) -> int:
+    """``--mac-only``: the MAC's cost on this adapter, into the report already in ``--out`` (same adapter)."""
+    path = args.out / "he_aggregation.json"
+    report = json.loads(path.read_text())
+    if report["adapter_params"] != layout.n_values:
+        raise SystemExit(f"{path} is for {report['adapter_params']:,} parameters, this run {layout.n_values:,} ({layers} layers)")
+    report.update(
+        mac_slots=mac_slots(made.plain_modulus), mac_repeats=args.mac_repeats,
+        mac_generated=f"{time.strftime('%Y-%m-%d')}, {machine()}", mac_overhead=mac_overhead(args, made, keys, layout, diffs),
+    )  # fmt: skip
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_markdown(args.out / "he_aggregation.md", report)
+    print_mac(report)
+    return 0
+
+
+def print_mac(report: dict) -> None:
+    for name, r in report["mac_overhead"].items():
+        print(f"{name:28s} with MAC / without: " + ", ".join(f"{k} {v['median']:.3f}" for k, v in r["with_over_without"].items()))
 
 
 def main(argv=None) -> int:
@@ -338,6 +378,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="4 layers (524,288 parameters) instead of 32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mac-repeats", type=int, default=5, help="repeats of the MAC's with/without comparison")
+    ap.add_argument("--mac-only", action="store_true",
+                    help="measure only the aggregate MAC's cost and update that section of the report in --out")  # fmt: skip
     args = ap.parse_args(argv)
 
     common_decomposers.register()  # numpy arrays in Shareables, as every FLARE process registers them
@@ -351,12 +394,15 @@ def main(argv=None) -> int:
     made = make_context(BFVParams(), n_threads=1)
     keys = {"client": serialize_context(made, secret=True), "server": serialize_context(made, secret=False)}
 
+    if args.mac_only:
+        return update_mac_section(args, made, keys, layout, diffs, layers)
     repeats = []
     with tempfile.TemporaryDirectory(prefix="he_bench_ckks_") as ckks_folder:
         ckks_context_bytes = ckks_contexts(Path(ckks_folder))
         for i in range(args.repeats):
             print(f"repeat {i + 1}/{args.repeats}", flush=True)
             repeats.append(one_repeat(diffs, layout, truth, keys, initial))
+    mac_cost = mac_overhead(args, made, keys, layout, diffs)
     report = {
         "adapter": f"Llama-7B shapes (hidden 4096, {layers} layers), LoRA r=8 on q_proj and v_proj",
         "adapter_params": layout.n_values,
@@ -375,14 +421,18 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "modes": summarize(repeats),
         "ratios": ratios(repeats),
+        "mac_slots": mac_slots(made.plain_modulus),
+        "mac_repeats": args.mac_repeats,
+        "mac_generated": f"{time.strftime('%Y-%m-%d')}, {machine()}",
+        "mac_overhead": mac_cost,
         "raw_repeats": repeats,
         "generated": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {sys.version.split()[0]}, "
-        f"tenseal {ts.__version__}",
+        "machine": machine(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "he_aggregation.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(args.out / "he_aggregation.md", report)
+    print_mac(report)
     for name, r in report["modes"].items():
         print(
             f"{name:28s} up {mb(r['up_bytes_per_site']['median']):>9s} down {mb(r['down_bytes_per_site']['median']):>9s} "

@@ -4,7 +4,8 @@ FLARE 2.9 does not restart a job after its server process dies (the restarted se
 abnormally finished). The server's run folder of that job still holds every completed round (the
 encrypted log, or the plaintext adapter of each round); this command submits the same job folder with
 its persistor's ``resume_from`` set to the earlier job id, so the new run starts where the old one
-stopped and the hospitals rebuild the global adapter from the log. Run it as the project admin::
+stopped and the hospitals rebuild the global adapter from the log (the encrypted job's decrypt filter
+gets the same ``resume_from``: the hospitals accept that run's logged rounds, verified, and no other job's). Run it as the project admin::
 
     python -m hospital_fedlora.deploy.resume_job --admin-kit <admin kit folder> --job jobs/fedlora_he \\
         --from <job id of the run that died>
@@ -20,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 PERSISTOR_ID = "persistor"
+DECRYPT_FILTER = "hospital_fedlora.he.decrypt_filter.DecryptFilter"
 UNFINISHED = ("RUNNING", "DISPATCHED", "SUBMITTED", "APPROVED")
 
 
@@ -38,6 +40,15 @@ def resumable_copy(job_dir: Path, earlier_job_id: str, dest: Path) -> Path:
     shutil.copytree(job_dir, copy, ignore=shutil.ignore_patterns(".__nvfl_*"))
     persistor.setdefault("args", {})["resume_from"] = earlier_job_id
     (copy / "app" / "config" / "config_fed_server.json").write_text(json.dumps(server, indent=2) + "\n")
+    # The hospitals bind the job into every aggregate they verify: they accept the earlier run's rounds only
+    # when their own job config (signed by the submitting admin, not the server's) names that run.
+    client_file = copy / "app" / "config" / "config_fed_client.json"
+    client = json.loads(client_file.read_text())
+    decrypt = [f for e in client.get("task_data_filters", []) for f in e.get("filters", []) if f.get("path") == DECRYPT_FILTER]
+    for f in decrypt:
+        f.setdefault("args", {})["resume_from"] = earlier_job_id
+    if decrypt:
+        client_file.write_text(json.dumps(client, indent=2) + "\n")
     return copy
 
 

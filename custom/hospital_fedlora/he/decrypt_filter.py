@@ -12,11 +12,14 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 
 from ..adapter_layout import AdapterLayout
-from ..protocol import INITIAL_ADAPTER, ROUND_TAG, Data, EncryptedKind, Meta
+from ..config import PrivacySettings
+from ..protocol import INITIAL_ADAPTER, REFUSED_HEADER, ROUND_TAG, Data, EncryptedKind, Meta
+from ..site.site_settings import site_privacy
+from .aggregate_mac import AggregateRefused, MacKey, binding
 from .encoding import contribution_weight, dequantize
 from .packed_bfv import decrypt_ints
 from .site_key import SiteKey, load_site_key
-from .wire_format import LogEntry, LogError
+from .wire_format import CiphertextError, LogEntry, LogError
 
 
 class DecryptFilter(DXOFilter):
@@ -24,20 +27,30 @@ class DecryptFilter(DXOFilter):
 
     Usually one entry arrives (the last round's sum); more when this site missed rounds; the whole log
     for the final evaluation. Each entry's SHA-256 is checked; entries this site applied are skipped; a
-    gap is refused; the clear total weight must follow from the clear example counts. Then each round is
-    decrypted, unpacked, dequantized and divided by its total weight, and added to the site's cumulative
-    change. The executor receives that change as a ``WEIGHT_DIFF`` relative to the seeded initial adapter
+    gap is refused; the clear total weight must follow from the clear example counts. A round is applied
+    only if it lists at least this hospital's ``privacy.min_contributors`` distinct contributors (its site
+    config, not the job) and, once decrypted, passes the aggregate MAC check (``aggregate_mac``): it is the
+    exact sum of the listed hospitals' contributions for this job and round, each counted once. Then it is
+    unpacked, dequantized, divided by its total weight and added to the site's cumulative change. The executor receives that change as a ``WEIGHT_DIFF`` relative to the seeded initial adapter
     (identical at every site), so every site holds the same global adapter. A batch of entries is applied
-    all or nothing; the state lives for one job in this process.
+    all or nothing; the state lives for one job in this process. A refused log (any of these checks) leaves
+    the task data with ``protocol.REFUSED_HEADER`` naming the check and no adapter: the executor answers the
+    task with that error, so the job stops with the hospital's reason.
 
     Args:
         encryption_id: id of the job's ``site_key.SiteEncryption`` component (key and settings).
+        resume_from: job id(s) of earlier runs this job continues (``deploy/resume_job`` sets it): their
+            logged rounds are accepted too; a round of any other job is refused.
     """
 
-    def __init__(self, encryption_id: str = "site_encryption"):
+    def __init__(self, encryption_id: str = "site_encryption", resume_from: str | list[str] = ""):
         super().__init__(supported_data_kinds=[EncryptedKind.LOG], data_kinds_to_filter=[EncryptedKind.LOG])
         self.encryption_id = encryption_id
+        self.resume_from = [resume_from] if isinstance(resume_from, str) else [str(j) for j in resume_from]
         self.key: SiteKey | None = None
+        self.mac_key: MacKey | None = None
+        self.privacy, self.privacy_source = PrivacySettings(), "defaults"
+        self.job_id = ""
         self.setup_error = "the job has not started"
         self.reset()
 
@@ -51,6 +64,23 @@ class DecryptFilter(DXOFilter):
             self.reset()
         if event_type == EventType.START_RUN:
             self.key, self.setup_error = load_site_key(fl_ctx, self.encryption_id)
+            self.mac_key = MacKey.from_context(self.key.context) if self.key is not None else None
+            self.job_id = fl_ctx.get_job_id() or ""
+            try:
+                self.privacy, self.privacy_source = site_privacy(fl_ctx)
+            except Exception as err:  # an invalid site config: nothing is applied until it is fixed
+                self.key, self.setup_error = None, str(err)
+
+    def process(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        """As ``DXOFilter.process``; a refused aggregate becomes task data that says why and holds nothing
+        (raised, FLARE would answer the task with a bare TASK_DATA_FILTER_ERROR: the server would not see why)."""
+        try:
+            return super().process(shareable, fl_ctx)
+        except (AggregateRefused, LogError, CiphertextError) as err:
+            self.log_error(fl_ctx, f"refused the server's aggregate, applied nothing: {err}")
+            refused = DXO(EncryptedKind.REFUSED, data={}, meta={Meta.REFUSED: str(err)}).to_shareable()
+            refused.set_header(REFUSED_HEADER, str(err))
+            return refused
 
     def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> DXO:
         site = fl_ctx.get_identity_name() or "this site"
@@ -76,7 +106,7 @@ class DecryptFilter(DXOFilter):
                 f"{_span(rounds)}, so rounds {lacking or [new[0].round]} are missing or out of order. The global "
                 "adapter is the sum of every round: the server must send the log from the first round this site lacks"
             )
-        change, layout = self._add(new, key, site)
+        change, layout = self._add(new, key, site, fl_ctx)
         self.change, self.layout = change, layout
         self.applied += [e.round for e in new]
         if new:
@@ -89,11 +119,13 @@ class DecryptFilter(DXOFilter):
         meta = {Meta.RELATIVE_TO: INITIAL_ADAPTER, Meta.APPLIED_ROUNDS: list(self.applied)}
         return DXO(DataKind.WEIGHT_DIFF, data=data, meta=meta)
 
-    def _add(self, entries: list[LogEntry], key: SiteKey, site: str):
+    def _add(self, entries: list[LogEntry], key: SiteKey, site: str, fl_ctx: FLContext):
         """The cumulative change with ``entries`` added; nothing is kept if any of them fails."""
         change = {k: v.clone() for k, v in self.change.items()}
         layout = self.layout
         s, plan = key.settings, key.plan
+        mac_key = self.mac_key or MacKey.from_context(key.context)
+        job = self.job_id or fl_ctx.get_job_id() or ""
         for e in entries:
             source = f"{site}: round {e.round} aggregate"
             this = AdapterLayout.from_manifest(list(e.layout), source=source)
@@ -103,11 +135,44 @@ class DecryptFilter(DXOFilter):
                 )
             layout = this
             self._check_weights(e, s.full_weight, source)
-            sums = decrypt_ints(key.context, list(e.chunks), plan, e.n_values, e.n_sites, ROUND_TAG.format(round=e.round), source)
+            self._check_floor(e, source)
+            verify = self._mac_check(e, key, mac_key, this, job, source)
+            tag = ROUND_TAG.format(round=e.round)
+            sums = decrypt_ints(key.context, list(e.chunks), plan, e.n_values, e.n_sites, tag, source, verify=verify)
             average = dequantize(layout.unflatten(sums, source=source), s.clip, plan.bits, e.total_weight)
             for k, v in average.items():
                 change[k] = change[k] + v.double() if k in change else v.double()
         return change, layout
+
+    def _check_floor(self, e: LogEntry, source: str) -> None:
+        floor = self.privacy.min_contributors
+        if len(e.example_counts) < floor:
+            raise AggregateRefused(
+                f"{source}: fails the contributor floor (privacy.min_contributors = {floor}, {self.privacy_source}): "
+                f"it lists {len(e.example_counts)} contributing hospital(s) {e.sites}; nothing was applied"
+            )
+
+    def _mac_check(self, e: LogEntry, key: SiteKey, mac_key: MacKey, layout: AdapterLayout, job: str, source: str):
+        """The aggregate MAC check of entry ``e``, for ``decrypt_ints``; refuses a round of another job at once."""
+        allowed = [job, *(j for j in self.resume_from if j)]
+        if e.job not in allowed:
+            raise AggregateRefused(
+                f"{source}: fails the aggregate MAC check (job binding): the server labels it a round of job "
+                f"{e.job!r}, this hospital accepts rounds of {allowed} only (this job and the runs it resumes); "
+                "nothing was applied"
+            )
+        bound = binding(key.context.key_id, layout.fingerprint(), e.n_values, key.plan.header_fields(), mac_key.n_slots)
+        round_mac = mac_key.for_round(e.job, e.round, bound)
+
+        def verify(slots, tags: list[int]) -> None:
+            if len(tags) != round_mac.n_slots:
+                raise AggregateRefused(
+                    f"{source}: fails the aggregate MAC check: it carries {len(tags)} MAC slots, {round_mac.n_slots} "
+                    "expected (the tags were stripped or the sender runs without them); nothing was applied"
+                )
+            round_mac.check(slots, tags, e.example_counts, source)
+
+        return verify
 
     @staticmethod
     def _check_weights(e: LogEntry, full_weight: float, source: str) -> None:

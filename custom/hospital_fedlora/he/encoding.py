@@ -194,11 +194,12 @@ class LanePlan:
     def values_per_ciphertext(self) -> int:
         return self.lanes_per_slot * self.slots_per_ciphertext
 
-    def n_ciphertexts(self, n_values: int) -> int:
-        return -(-n_values // self.values_per_ciphertext)
+    def n_ciphertexts(self, n_values: int, mac_slots: int = 0) -> int:
+        """Ciphertexts for ``n_values`` packed values plus ``mac_slots`` reserved tag slots at the end."""
+        return -(-(-(-n_values // self.lanes_per_slot) + mac_slots) // self.slots_per_ciphertext)
 
-    def n_chunks(self, n_values: int) -> int:
-        return -(-self.n_ciphertexts(n_values) // self.ciphertexts_per_chunk)
+    def n_chunks(self, n_values: int, mac_slots: int = 0) -> int:
+        return -(-self.n_ciphertexts(n_values, mac_slots) // self.ciphertexts_per_chunk)
 
     def header_fields(self) -> dict[str, int]:
         return {"bits": self.bits, "lane_bits": self.lane_bits, "lanes": self.lanes_per_slot}
@@ -253,14 +254,15 @@ def most_summable(bits: int, lane_bits: int, context: BFVContext) -> int:
     return min(by_lanes, by_noise)
 
 
-def pack_lanes(ints: torch.Tensor, plan: LanePlan) -> torch.Tensor:
-    """Biased, packed slots (int64), zero-padded to whole ciphertexts."""
+def pack_lanes(ints: torch.Tensor, plan: LanePlan, reserved: int = 0) -> torch.Tensor:
+    """Biased, packed slots (int64), zero-padded to whole ciphertexts with at least ``reserved`` slots left
+    at the end (for the aggregate MAC's tags, which overwrite them)."""
     if ints.dim() != 1 or ints.is_floating_point() or ints.is_complex():
         raise TypeError(f"pack_lanes: expected a 1-D integer tensor, got {tuple(ints.shape)} {ints.dtype}")
     x = ints.to(torch.int64)
     if x.numel() and int(x.abs().max()) > plan.qmax:
         raise ValueError(f"pack_lanes: values exceed the int{plan.bits} range +-{plan.qmax}; quantize first")
-    n_slots = plan.n_ciphertexts(x.numel()) * plan.slots_per_ciphertext
+    n_slots = plan.n_ciphertexts(x.numel(), reserved) * plan.slots_per_ciphertext
     padded = torch.zeros(n_slots * plan.lanes_per_slot, dtype=torch.int64)
     padded[: x.numel()] = x
     u = padded.add_(plan.qmax).view(n_slots, plan.lanes_per_slot)

@@ -14,6 +14,7 @@ from nvflare.app_common.app_constant import AppConstants
 
 from ..adapter_layout import AdapterLayout
 from ..protocol import ROUND_TAG, Data, EncryptedKind, Meta
+from .aggregate_mac import MacKey, binding
 from .encoding import contribution_weight, quantize, rounding_generator
 from .packed_bfv import encrypt_ints
 from .site_key import SiteKey, load_site_key
@@ -28,7 +29,8 @@ class EncryptFilter(DXOFilter):
     Refuses a change with NaN or infinite values (the server could not tell), clips every value to the
     job's bound (so the change's L2 norm is at most ``clip * sqrt(values)``), scales it by the site's
     weight factor, rounds it stochastically to int8/int16 on the scale all sites share, packs several
-    integers per slot, encrypts them and tags them with the round. The DXO becomes ``EncryptedKind.DIFF``
+    integers per slot, appends the aggregate MAC's tag slots (``aggregate_mac``: bound to the job, round,
+    this site and its example count), encrypts them and tags them with the round. The DXO becomes ``EncryptedKind.DIFF``
     with data ``{chunks: [bytes, ...]}``; in the clear stay the example count and weight factor, the
     adapter layout, the value count, the site's training metrics and the adapter config (what the server
     checks and logs).
@@ -41,6 +43,8 @@ class EncryptFilter(DXOFilter):
         super().__init__(supported_data_kinds=[DataKind.WEIGHT_DIFF], data_kinds_to_filter=[DataKind.WEIGHT_DIFF])
         self.encryption_id = encryption_id
         self.key: SiteKey | None = None
+        self.mac_key: MacKey | None = None
+        self.job_id = ""
         self.setup_error = "the job has not started"
         self._task_round: int | None = None
         self.clipped = 0  # values clipped in the last result; logged here, never sent (it hints at magnitudes)
@@ -48,6 +52,8 @@ class EncryptFilter(DXOFilter):
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
             self.key, self.setup_error = load_site_key(fl_ctx, self.encryption_id)
+            self.mac_key = MacKey.from_context(self.key.context) if self.key is not None else None
+            self.job_id = fl_ctx.get_job_id() or ""
         elif event_type == EventType.BEFORE_TASK_EXECUTION:
             # The result carries no round; the task it answers does (the ciphertexts are tagged with it).
             task = fl_ctx.get_prop(FLContextKey.TASK_DATA)
@@ -88,7 +94,11 @@ class EncryptFilter(DXOFilter):
         layout = AdapterLayout.from_tensors(tensors)
         plan = key.plan
         q = quantize(tensors, s.clip, plan.bits, rounding_generator(s.rounding_seed, site, rnd), weight=weight)
-        chunks = encrypt_ints(key.context, layout.flatten(q.ints), plan, tag=ROUND_TAG.format(round=rnd))
+        mac = self.mac_key or MacKey.from_context(key.context)
+        bound = binding(key.context.key_id, layout.fingerprint(), layout.n_values, plan.header_fields(), mac.n_slots)
+        round_mac = mac.for_round(self.job_id or fl_ctx.get_job_id() or "", rnd, bound)
+        tagger = (round_mac.n_slots, lambda slots: round_mac.tags(slots, site, count))
+        chunks = encrypt_ints(key.context, layout.flatten(q.ints), plan, tag=ROUND_TAG.format(round=rnd), mac=tagger)
         self.clipped = q.n_clipped
         meta = {
             Meta.EXAMPLE_COUNT: count,

@@ -60,10 +60,11 @@ class EncryptedLogGenerator(ShareableGenerator):
             raise LogError(f"expected the encrypted aggregate ({EncryptedKind.SUM}), got {dxo.data_kind}")
         chunks = dxo.data.get(Data.CHUNKS)
         rnd = dxo.get_meta_prop(Meta.ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
+        job = fl_ctx.get_job_id() or ""  # the hospitals bind it into the aggregate MAC
         names = (Meta.N_SITES, Meta.TOTAL_WEIGHT, Meta.N_VALUES, Meta.LAYOUT, Meta.EXAMPLE_COUNTS, Meta.WEIGHT_FACTORS)
         fields = {k: dxo.get_meta_prop(k) for k in names}
         entry = LogEntry.from_dict(
-            {Meta.ROUND: rnd, Data.CHUNKS: chunks, "sha256": chunks_digest(chunks or []), **fields},
+            {Meta.ROUND: rnd, Data.CHUNKS: chunks, "sha256": chunks_digest(chunks or []), **fields, Meta.JOB: job},
             source=f"round {rnd} aggregate",
         )
         entries = log_entries(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL))

@@ -7,8 +7,9 @@ after checking each one's clear header. Pure numeric code (TenSEAL + torch), no 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import tenseal as ts
 import torch
 
@@ -25,8 +26,18 @@ from .wire_format import (
 )
 
 
-def encrypt_ints(context: BFVContext, ints: torch.Tensor, plan: LanePlan, tag: str = "") -> list[bytes]:
-    """Pack and encrypt a flat integer vector (values within ``+-qmax``) into serialized chunks."""
+# Given a contribution's packed slots (int64 in [0, t)), the values of its aggregate MAC tag slots.
+Tagger = Callable[[np.ndarray], list[int]]
+
+
+def encrypt_ints(
+    context: BFVContext, ints: torch.Tensor, plan: LanePlan, tag: str = "", mac: tuple[int, Tagger] | None = None
+) -> list[bytes]:
+    """Pack and encrypt a flat integer vector (values within ``+-qmax``) into serialized chunks.
+
+    With ``mac = (n_slots, tagger)`` the last ``n_slots`` slots carry ``tagger(the slots before them)``
+    (``aggregate_mac.RoundMac.tags``), and the chunk headers say ``mac_slots``.
+    """
     if not context.has_secret_key:
         raise MissingSecretKeyError(
             "this BFV context holds no secret key, so it cannot encrypt: encrypting is done at the hospitals "
@@ -34,7 +45,14 @@ def encrypt_ints(context: BFVContext, ints: torch.Tensor, plan: LanePlan, tag: s
         )
     if ints.numel() == 0:
         raise ValueError("encrypt_ints: nothing to encrypt (empty vector)")
-    slots = pack_lanes(ints, plan)
+    n_mac = mac[0] if mac else 0
+    slots = pack_lanes(ints, plan, reserved=n_mac)
+    if mac:
+        t = plan.plain_modulus
+        tags = mac[1](slots[:-n_mac].numpy())
+        # centred, as SEAL's signed batch encoder wants values within +-t/2
+        slots[-n_mac:] = torch.tensor([v - t if v > t // 2 else v for v in tags], dtype=torch.int64)
+    fields = {**plan.header_fields(), "mac_slots": n_mac}
     n, k = plan.slots_per_ciphertext, plan.ciphertexts_per_chunk
     n_ct = slots.numel() // n
     n_chunks = -(-n_ct // k)
@@ -44,7 +62,7 @@ def encrypt_ints(context: BFVContext, ints: torch.Tensor, plan: LanePlan, tag: s
         rows = slots[c * k * n : min((c + 1) * k, n_ct) * n].tolist()
         payload = b"".join(ts.bfv_vector(ctx, rows[i : i + n]).serialize() for i in range(0, len(rows), n))
         n_in = len(rows) // n
-        header = chunk_header(context.key_id, c, n_chunks, n_in, ints.numel(), plan.header_fields(), tag, 1, payload)
+        header = chunk_header(context.key_id, c, n_chunks, n_in, ints.numel(), fields, tag, 1, payload)
         out.append(frame(CHUNK_MAGIC, header, payload))
     return out
 
@@ -86,7 +104,7 @@ class EncryptedSum:
             raise CiphertextError(f"{source}: tagged {info.tag!r}, expected {self.expected_tag!r} (stale or misrouted)")
         ref = self._info
         if ref is not None:
-            for field in ("chunks", "values", "bits", "lane_bits", "lanes", "tag", "ciphertexts"):
+            for field in ("chunks", "values", "bits", "lane_bits", "lanes", "tag", "ciphertexts", "mac_slots"):
                 if getattr(info, field) != getattr(ref, field):
                     raise CiphertextError(
                         f"{source}: {field} is {getattr(info, field)!r} but earlier contributions have "
@@ -97,7 +115,7 @@ class EncryptedSum:
         if self._acc is None or self._info is None:
             raise ValueError("EncryptedSum.result: no contribution was added")
         i = self._info
-        fields = {"bits": i.bits, "lane_bits": i.lane_bits, "lanes": i.lanes}
+        fields = {"bits": i.bits, "lane_bits": i.lane_bits, "lanes": i.lanes, "mac_slots": i.mac_slots}
         out = []
         for c, v in enumerate(self._acc):
             payload = v.serialize()
@@ -124,8 +142,13 @@ def decrypt_ints(
     n_sites_summed: int,
     expected_tag: str | None = None,
     source: str = "encrypted aggregate",
+    verify: Callable[[np.ndarray, list[int]], None] | None = None,
 ) -> torch.Tensor:
-    """``sum_i q_i`` as int64 from (summed) chunks; ``encoding.dequantize`` turns it into the average."""
+    """``sum_i q_i`` as int64 from (summed) chunks; ``encoding.dequantize`` turns it into the average.
+
+    ``verify(slots, tags)`` (``aggregate_mac.RoundMac.check``) sees the decrypted slots and the MAC tag
+    slots before any lane is read; it raises to refuse. Without it the tag slots are ignored.
+    """
     if not context.has_secret_key:
         raise MissingSecretKeyError(
             f"{source}: this BFV context holds no secret key, so it cannot decrypt (the server's kit never "
@@ -159,6 +182,12 @@ def decrypt_ints(
         vec = _load_vector(context, payload, source, c, info.ciphertexts[c])
         parts.append(torch.tensor(vec.decrypt(), dtype=torch.int64))
     slots = torch.cat(parts) % plan.plain_modulus  # SEAL returns slots centred around 0
+    if info.mac_slots:
+        slots, tags = slots[: -info.mac_slots], slots[-info.mac_slots :].tolist()
+    else:
+        tags = []
+    if verify is not None:
+        verify(slots.numpy(), tags)
     return unpack_lanes(slots, plan, n_values, int(n_sites_summed))
 
 

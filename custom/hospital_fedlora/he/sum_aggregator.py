@@ -12,6 +12,7 @@ from nvflare.app_common.app_constant import AppConstants
 from ..adapter_layout import AdapterLayout
 from ..protocol import ROUND_TAG, Data, EncryptedKind, Meta
 from ..server.contribution_aggregator import ContributionAggregator
+from .aggregate_mac import mac_slots
 from .bfv_context import SERVER_CONTEXT_FILE, BFVContext
 from .encoding import most_summable
 from .kit_context import load_kit_context
@@ -43,8 +44,9 @@ class EncryptedSumAggregator(ContributionAggregator):
     count against the layout of the log's last round (the round's first contribution before any round is
     logged); lanes that the plain modulus implies; as many ciphertexts as layout and lanes need, in no
     more bytes than those ciphertexts take (``max_upload_bytes``); a sum that the lanes and the noise
-    budget can hold; and, in ``EncryptedSum``, the chunk framing and digests, the key id (a kit from
-    another provisioning), the round tag, the lane plan and TenSEAL parsing. The server cannot see
+    budget can hold; the aggregate MAC's tag slots the hospitals will verify; and, in ``EncryptedSum``,
+    the chunk framing and digests, the key id (a kit from another provisioning), the round tag, the lane
+    plan and TenSEAL parsing. The server cannot see
     values: NaN and infinity are refused at the site, and the site's clip bounds every value. The aggregate is
     the encrypted sum (``EncryptedKind.SUM``) with, in the clear, what the hospitals need to turn it into
     the average: number of contributions, total weight, weight factors, layout.
@@ -118,6 +120,11 @@ class EncryptedSumAggregator(ContributionAggregator):
             return f"its ciphertexts hold {info.values:,} values, its layout {layout.n_values:,}"
         if info.summed != 1:
             return f"its chunk headers say they sum {info.summed} contributions; a site sends exactly one"
+        if info.mac_slots != mac_slots(self.context.plain_modulus):
+            return (
+                f"it carries {info.mac_slots} aggregate MAC slots, the hospitals verify {mac_slots(self.context.plain_modulus)} "
+                "(is the site running this bundle's EncryptFilter?); every hospital would refuse the sum"
+            )
         usable = self.context.plain_modulus.bit_length() - 1
         if info.lane_bits < 1 or info.lanes != usable // info.lane_bits:
             return f"its headers pack {info.lanes} lanes of {info.lane_bits} bits; the plain modulus holds {usable} bits per slot"

@@ -24,7 +24,7 @@ from ..protocol import Data, Meta
 CHUNK_MAGIC = b"HFLENC01"
 _LEN = struct.Struct(">I")
 _MAX_HEADER = 64 * 1024
-_HEADER_FIELDS = ("key_id", "chunks", "values", "bits", "lane_bits", "lanes", "tag", "summed")
+_HEADER_FIELDS = ("key_id", "chunks", "values", "bits", "lane_bits", "lanes", "tag", "summed", "mac_slots")
 
 
 class CiphertextError(ValueError):
@@ -45,6 +45,7 @@ class ChunkInfo:
     summed: int  # contributions added into it (1 for a site's own upload)
     ciphertexts: tuple[int, ...]  # per chunk
     nbytes: int
+    mac_slots: int = 0  # aggregate MAC tag slots at the end of the last ciphertext (``aggregate_mac``)
 
 
 def read_chunk_info(chunks: Sequence[bytes], source: str = "encrypted data") -> ChunkInfo:
@@ -53,10 +54,11 @@ def read_chunk_info(chunks: Sequence[bytes], source: str = "encrypted data") -> 
 
 
 def check_ciphertext_count(info: ChunkInfo, poly_modulus_degree: int, source: str) -> None:
-    expected = -(-info.values // (info.lanes * poly_modulus_degree))
+    expected = -(-(-(-info.values // info.lanes) + info.mac_slots) // poly_modulus_degree)
     if sum(info.ciphertexts) != expected:
         raise CiphertextError(
-            f"{source}: {sum(info.ciphertexts)} ciphertexts for {info.values} values in {info.lanes} lanes, "
+            f"{source}: {sum(info.ciphertexts)} ciphertexts for {info.values} values in {info.lanes} lanes "
+            f"and {info.mac_slots} MAC slots, "
             f"expected {expected} at poly_modulus_degree {poly_modulus_degree}; sender and receiver disagree on settings"
         )
 
@@ -127,10 +129,11 @@ def parse_chunks(chunks: Sequence[bytes], source: str) -> tuple[ChunkInfo, list[
             summed=int(first["summed"]),
             ciphertexts=tuple(int(h["ciphertexts"]) for h in headers),
             nbytes=sum(len(b) for b in chunks),
+            mac_slots=int(first.get("mac_slots", 0)),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise CiphertextError(f"{source}: chunk header lacks or garbles {err}") from None
-    if min(info.ciphertexts) < 1:
+    if min(info.ciphertexts) < 1 or info.mac_slots < 0:
         raise CiphertextError(f"{source}: a chunk header announces no ciphertexts; the data is corrupted")
     if info.chunks != len(chunks):
         raise CiphertextError(f"{source}: {len(chunks)} chunks received, the headers announce {info.chunks}")
@@ -192,6 +195,7 @@ class LogEntry:
     layout: tuple[dict, ...]  # AdapterLayout manifest (public: it is the LoRA configuration)
     example_counts: dict[str, int] = field(default_factory=dict)
     weight_factors: dict[str, float] = field(default_factory=dict)
+    job: str = ""  # the job (run) whose round this is: hospitals bind it into the aggregate MAC
 
     @property
     def nbytes(self) -> int:
@@ -226,6 +230,7 @@ class LogEntry:
             Meta.WEIGHT_FACTORS: dict(self.weight_factors),
             Meta.N_VALUES: self.n_values,
             Meta.LAYOUT: [dict(m) for m in self.layout],
+            Meta.JOB: self.job,
         }
 
     @classmethod
@@ -256,6 +261,7 @@ class LogEntry:
                     str(k): _positive(v, f"{Meta.WEIGHT_FACTORS}[{k!r}]")
                     for k, v in dict(d.get(Meta.WEIGHT_FACTORS) or {}).items()
                 },
+                job=str(d.get(Meta.JOB) or ""),
             )
         except KeyError as err:
             raise LogError(f"{source}: field {err} is missing") from None

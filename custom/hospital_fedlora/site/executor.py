@@ -22,6 +22,7 @@ from ..adapter_layout import AdapterLayout
 from ..config import ConfigError, SiteConfig, load_site_config, parse_recipe
 from ..memory import release_memory
 from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, ROUND_TEXT, Meta, Metric
+from ..protocol import REFUSED_HEADER
 from .dataset import load_records
 from .model_loading import apply_lora, choose_placement, load_base_model
 from .privacy_gate import check_job_allowed, check_result
@@ -187,6 +188,9 @@ class LoraExecutor(Executor):
     def _received_adapter(self, shareable: Shareable, fl_ctx: FLContext) -> dict:
         """Set the global adapter: sent whole (plaintext job), or as the change since the shared initial
         adapter (encrypted job: the server holds no plaintext, the decrypt filter rebuilds the change)."""
+        refused = shareable.get_header(REFUSED_HEADER)  # the decrypt filter refused the server's aggregate
+        if refused:
+            raise ValueError(refused)
         dxo = from_shareable(shareable)
         source = "adapter received from the server"
         if dxo.data_kind == DataKind.WEIGHTS:
