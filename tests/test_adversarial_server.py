@@ -43,7 +43,7 @@ from hospital_fedlora.he.wire_format import CHUNK_MAGIC, chunk_header, chunks_di
 from hospital_fedlora.protocol import ERROR_HEADER, REFUSED_HEADER, ROUND_TAG, Data, EncryptedKind, Meta
 
 from deployment_helpers import write_site_configs
-from flare_harness import Engine, fl_ctx, start_run
+from flare_harness import Engine, fl_ctx, kit_workspace, start_run
 from job_in_process import JOB_ID, REPO, JobInProcess, job_config
 
 SITES = ["hospital-a", "hospital-b", "hospital-c"]
@@ -177,10 +177,14 @@ def earlier_job(fed, label: str = JOB_ID):
     as a round of ``label`` (this job, or the earlier job as it was)."""
     args = job_config(REPO / "jobs" / "fedlora_he", "client")["components"][0]["args"]
     parts, counts = [], counts_of(fed)
+    kit = fed.client_key_file.parent / "earlier_job_kit"  # a hospital's key always comes from its kit
     for site in SITES:
-        enc = SiteEncryption(**args, context_file=str(fed.client_key_file))
+        workspace = kit_workspace(kit, site)
+        (kit / "startup" / CLIENT_CONTEXT_FILE).write_bytes(fed.client_key_file.read_bytes())
+        enc = SiteEncryption(**args)
         encrypt = EncryptFilter()
-        start_run([enc, encrypt], fl_ctx(site, engine=Engine({"site_encryption": enc}), job_id="an-earlier-job"))
+        engine = Engine({"site_encryption": enc}, workspace=workspace)
+        start_run([enc, encrypt], fl_ctx(site, engine=engine, job_id="an-earlier-job"))
         state = {k: np.full(v.shape, 1e-3, np.float32) for k, v in get_adapter_state(fed.sites[site].executor.trainer.model).items()}
         result = DXO(DataKind.WEIGHT_DIFF, data=state, meta={Meta.EXAMPLE_COUNT: counts[site]}).to_shareable()
         result.set_header(AppConstants.CURRENT_ROUND, 1)
