@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_he_benchmark_quick_run_reports_every_mode_within_its_error_bounds(tmp_path):
     subprocess.run(
-        [sys.executable, str(REPO / "tests" / "benchmarks" / "bench_he_aggregation.py"), "--quick", "--repeats", "1",
+        [sys.executable, str(REPO / "tests" / "benchmarks" / "bench_he_aggregation.py"), "--quick", "--repeats", "1", "--mac-repeats", "1",
          "--out", str(tmp_path)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
