@@ -144,6 +144,11 @@ class LocalFederation:
             )
         self._pgids.append(proc.pid)
         proc.wait()  # start.sh only backgrounds sub_start.sh and returns
+        # While the watchdog execs, /proc briefly shows it without its environment, so it looks unmarked;
+        # without this wait, a check right after a start (no hospitals to start in between) saw a dead kit.
+        deadline = time.monotonic() + 10.0
+        while not self.kit_processes(kit) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
     def reconnect(self, timeout: float = 120.0) -> None:
         """A new admin session (after the server restarted); the old one is closed first, or its threads
