@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-from hospital_fedlora.site.dataset import tokenize_record
+from hospital_fedlora.site.prompting import tokenize_record
 from hospital_fedlora.site.trainer import collate_batch
 from hospital_fedlora_tools.base_model import BUILD_INFO, REQUIRED_FILES, build_base_model, is_complete_model
 from hospital_fedlora_tools.synthetic_notes import generate_site_records

@@ -1,4 +1,4 @@
-"""Reading a hospital's files (JSONL, CSV, Parquet), the errors hospital IT sees, and supervised tokenization."""
+"""Reading a hospital's files (JSONL, CSV, Parquet) onto the job's task, and the errors hospital IT sees."""
 
 import csv
 import json
@@ -6,11 +6,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoTokenizer
 
-from hospital_fedlora.config import ConfigError, DataFiles
-from hospital_fedlora.site.dataset import IGNORE_INDEX, format_prompt, load_records, tokenize_record
-from hospital_fedlora.site.trainer import collate_batch
+from hospital_fedlora.config import ConfigError, DataFiles, TaskSettings, load_site_config
+from hospital_fedlora.site.dataset import load_records
 
 SOURCE = "site_configs/hospital-a.yaml"
 ROWS = [
@@ -36,11 +34,6 @@ def _csv(path, rows):
     return path
 
 
-@pytest.fixture(scope="module")
-def tok(base_model_dir):
-    return AutoTokenizer.from_pretrained(base_model_dir, local_files_only=True)
-
-
 # -------------------------------------------------------------------------------------------- reading
 def test_the_three_formats_read_the_same_records(tmp_path):
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "d.parquet")
@@ -59,7 +52,7 @@ def test_format_setting_overrides_the_suffix(tmp_path):
 def test_renamed_fields_and_no_input_column(tmp_path):
     rows = [{"question": "Say hello.", "answer": "Hello."}]
     path = _jsonl(tmp_path / "d.jsonl", rows)
-    files = _files(path, instruction_field="question", input_field=None, response_field="answer")
+    files = _files(path, columns={"instruction": "question", "input": None, "response": "answer"})
     assert load_records(files, "train", SOURCE) == [{"instruction": "Say hello.", "input": "", "response": "Hello."}]
 
 
@@ -106,15 +99,15 @@ def test_missing_field_names_it_lists_the_fields_and_the_setting(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_records(_files(path), "train", SOURCE)
     msg = str(err.value)
-    assert "d.jsonl line 1: no field 'response'" in msg
-    assert "fields: answer, input, instruction" in msg
-    assert f"Set data.response_field in {SOURCE}" in msg
+    assert "d.jsonl line 1: no column 'response' (the task's response)" in msg
+    assert "the record has: answer, input, instruction" in msg
+    assert f"Set data.columns.response in {SOURCE}" in msg
 
 
 def test_missing_column_in_parquet(tmp_path):
     path = tmp_path / "d.parquet"
     pq.write_table(pa.Table.from_pylist([{"instruction": "a", "response": "b"}]), path)
-    with pytest.raises(ConfigError, match=r"row 1: no field 'input'.*data\.input_field.*or null"):
+    with pytest.raises(ConfigError, match=r"row 1: no column 'input'.*data\.columns\.input.*or null"):
         load_records(_files(path), "train", SOURCE)
 
 
@@ -128,7 +121,7 @@ def test_empty_dataset(tmp_path, content):
 
 def test_empty_response_is_named(tmp_path):
     path = _jsonl(tmp_path / "d.jsonl", [ROWS[0], {"instruction": "a", "input": "b", "response": "  "}])
-    with pytest.raises(ConfigError, match=r"d\.jsonl line 2: field 'response' \(the response\) is empty"):
+    with pytest.raises(ConfigError, match=r"d\.jsonl line 2: the task's response is empty"):
         load_records(_files(path), "train", SOURCE)
 
 
@@ -139,63 +132,101 @@ def test_not_utf8(tmp_path):
         load_records(_files(path), "train", SOURCE)
 
 
-# ----------------------------------------------------------------------------------------- prompting
-def test_prompt_with_and_without_input():
-    assert format_prompt(ROWS[0]) == (
-        "### Instruction:\nAssign the diagnosis group.\n\n### Input:\nPt 70y M. O/E irregularly irregular pulse."
-        "\n\n### Response:\n"
-    )
-    assert format_prompt(ROWS[1]) == "### Instruction:\nSay hello.\n\n### Response:\n"
+# ------------------------------------------------------------------------------- the job's task, mapped
+NOTE_COLUMN, SUMMARY_COLUMN = "Clinical Note (free text)", "Discharge Summary"
+EXPORT = [
+    {NOTE_COLUMN: "Pt 70y M. O/E irregularly irregular pulse.", SUMMARY_COLUMN: "Atrial fibrillation, on apixaban.", "Dept": "cardiology"},
+    {NOTE_COLUMN: "Pt 6y F. Wheeze.", SUMMARY_COLUMN: "Asthma, inhaler technique taught.", "Dept": "paediatrics"},
+]
+EXPORT_COLUMNS = {"input": NOTE_COLUMN, "response": SUMMARY_COLUMN}
 
 
-@pytest.mark.parametrize("row", ROWS)
-def test_tokenized_record_matches_whole_prompt_and_masks_it(tok, row):
-    ex = tokenize_record(row, tok, 256)
-    prompt_ids = tok(format_prompt(row))["input_ids"]  # with <s>
-    response_ids = tok(row["response"], add_special_tokens=False)["input_ids"]
-    assert ex["input_ids"] == prompt_ids + response_ids + [tok.eos_token_id]
-    assert ex["labels"] == [IGNORE_INDEX] * len(prompt_ids) + response_ids + [tok.eos_token_id]
+def test_an_export_with_only_note_and_summary_takes_the_jobs_instruction(tmp_path):
+    path = _csv(tmp_path / "export.csv", EXPORT)
+    task = TaskSettings(instruction="Write the discharge summary.")
+    records = load_records(_files(path, columns=EXPORT_COLUMNS), "train", SOURCE, task)
+    assert records[0] == {
+        "instruction": "Write the discharge summary.",
+        "input": EXPORT[0][NOTE_COLUMN],
+        "response": EXPORT[0][SUMMARY_COLUMN],
+    }
 
 
-def test_every_generated_record_tokenizes_like_its_whole_text(tok, data_dir):
-    files = DataFiles(train=data_dir / "hospital-a" / "train.jsonl", validation=data_dir / "hospital-a" / "validation.jsonl")
-    for r in load_records(files, "validation", SOURCE):
-        ex = tokenize_record(r, tok, 256)
-        assert ex["input_ids"] == tok(format_prompt(r) + r["response"])["input_ids"] + [tok.eos_token_id]
+def test_without_a_job_instruction_the_export_needs_an_instruction_column(tmp_path):
+    path = _csv(tmp_path / "export.csv", EXPORT)
+    with pytest.raises(ConfigError, match=r"no column 'instruction' \(the task's instruction\).*data\.columns\.instruction"):
+        load_records(_files(path, columns=EXPORT_COLUMNS), "train", SOURCE)
+    with pytest.raises(ConfigError, match=r"data\.columns\.instruction' is null, but this job has no instruction"):
+        load_records(_files(path, columns={**EXPORT_COLUMNS, "instruction": None}), "train", SOURCE)
 
 
-def test_truncation_cuts_the_note_middle_and_keeps_marker_and_response(tok):
-    note = "Pt 70y M. " + "HR 80 BP 120/80. " * 60 + "Rx apixaban 5 mg twice daily."
-    row = {"instruction": "Summarize the clinical note.", "input": note, "response": "70-year-old man with atrial fibrillation."}
-    full = tokenize_record(row, tok, 1024)
-    ex = tokenize_record(row, tok, 96)
-    assert len(ex["input_ids"]) == 96
-    response = [t for t in full["labels"] if t != IGNORE_INDEX]
-    assert [t for t in ex["labels"] if t != IGNORE_INDEX] == response  # whole response and </s>
-    text = tok.decode(ex["input_ids"])
-    assert text.startswith("<s>### Instruction:\nSummarize the clinical note.\n\n### Input:\nPt 70y M.")
-    assert "Rx apixaban 5 mg twice daily.\n\n### Response:\n70-year-old man" in text
-    assert text.count("HR 80") < 60
+def test_instruction_template_fields_come_from_mapped_columns(tmp_path):
+    path = _csv(tmp_path / "export.csv", EXPORT)
+    task = TaskSettings(instruction="Summarise this {department} note.")
+    files = _files(path, columns={**EXPORT_COLUMNS, "department": "Dept"})
+    assert [r["instruction"] for r in load_records(files, "train", SOURCE, task)] == [
+        "Summarise this cardiology note.",
+        "Summarise this paediatrics note.",
+    ]
+    with pytest.raises(ConfigError, match=r"names the field \{department\}; add 'data\.columns\.department"):
+        load_records(_files(path, columns=EXPORT_COLUMNS), "train", SOURCE, task)
+    blank = _csv(tmp_path / "blank.csv", [{**EXPORT[0], "Dept": " "}])
+    with pytest.raises(ConfigError, match=r"blank\.csv line 2: the task's department is empty"):
+        load_records(_files(blank, columns={**EXPORT_COLUMNS, "department": "Dept"}), "train", SOURCE, task)
 
 
-def test_truncation_of_a_long_response_keeps_half_the_window(tok):
-    row = {"instruction": "Repeat.", "input": "word " * 100, "response": "Take apixaban daily. " * 40}
-    ex = tokenize_record(row, tok, 64)
-    assert len(ex["input_ids"]) == 64
-    assert sum(t != IGNORE_INDEX for t in ex["labels"]) == 32
-    assert "### Response:" in tok.decode(ex["input_ids"])
+@pytest.mark.parametrize("bad", ["Summarise {0}.", "Summarise {a b}.", "Summarise {note.", "  "])
+def test_a_malformed_instruction_is_refused(bad):
+    with pytest.raises(ValueError):
+        TaskSettings(instruction=bad)
 
 
-# ------------------------------------------------------------------------------------------ batching
-def test_collate_right_pads(tok):
-    ds = [tokenize_record(r, tok, 256) for r in ROWS]
-    batch = collate_batch([ds[0], ds[1]], tok.pad_token_id)
-    n0, n1 = len(ds[0]["input_ids"]), len(ds[1]["input_ids"])
-    assert batch["input_ids"].shape == (2, max(n0, n1))
-    short = 0 if n0 < n1 else 1
-    n = min(n0, n1)
-    assert batch["attention_mask"][short].tolist() == [1] * n + [0] * (abs(n0 - n1))
-    assert (batch["input_ids"][short, n:] == tok.pad_token_id).all()
-    assert (batch["labels"][short, n:] == IGNORE_INDEX).all()
-    assert batch["labels"][short, :n].tolist() == ds[short]["labels"]
-    assert int(batch["attention_mask"].sum()) == n0 + n1
+# ----------------------------------------------------------------------------------------- conversations
+CHATS = [
+    {"messages": [{"role": "system", "content": "You are a ward clerk."}, {"role": "user", "content": "Code: chest pain."},
+                  {"role": "assistant", "content": "Cardiology"}]},
+    {"messages": [{"role": "user", "content": "Code: wheeze."}, {"role": "assistant", "content": "Respiratory"},
+                  {"role": "user", "content": "And fever?"}, {"role": "assistant", "content": "Infection"}]},
+]
+CHAT_FILES = {"columns": {"messages": "messages"}}
+
+
+def test_conversations_read_the_same_from_jsonl_csv_and_parquet(tmp_path):
+    pq.write_table(pa.Table.from_pylist(CHATS), tmp_path / "c.parquet")
+    csv_rows = [{"messages": json.dumps(c["messages"])} for c in CHATS]
+    paths = [_jsonl(tmp_path / "c.jsonl", CHATS), _csv(tmp_path / "c.csv", csv_rows), tmp_path / "c.parquet"]
+    for path in paths:
+        assert load_records(_files(path, **CHAT_FILES), "train", SOURCE) == CHATS
+
+
+@pytest.mark.parametrize(
+    "messages, error",
+    [
+        ([{"role": "doctor", "content": "x"}, {"role": "assistant", "content": "y"}], r"message 1 has the role 'doctor'.*system, user, assistant"),
+        ([{"role": "user", "content": "x"}], r"the last message is from 'user'; a record must end with an assistant answer"),
+        ([{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}], r"message 2 \(assistant\) has no text"),
+        ([{"role": "user"}], r"message 1 must be an object with 'role' and 'content'"),
+        ([], r"messages must be a non-empty list"),
+        ("not json", r"the messages column is not a JSON list"),
+    ],
+)
+def test_conversation_misfits_name_the_line(tmp_path, messages, error):
+    path = _jsonl(tmp_path / "c.jsonl", [CHATS[0], {"messages": messages}])
+    with pytest.raises(ConfigError, match=r"c\.jsonl line 2: " + error):
+        load_records(_files(path, **CHAT_FILES), "train", SOURCE)
+
+
+def test_column_mapping_errors_in_a_site_config_name_the_file_and_field(tmp_path):
+    def site_config(data_extra: str) -> str:
+        path = tmp_path / "site.yaml"
+        path.write_text(f"site: hospital-a\nbase_model_path: m\ndata:\n  train: t.jsonl\n  validation: v.jsonl\n{data_extra}")
+        return path
+
+    with pytest.raises(ConfigError, match=r"field 'data\.instruction_field': replaced by data\.columns"):
+        load_site_config(site_config("  instruction_field: question\n"))
+    with pytest.raises(ConfigError, match=r"field 'data\.columns': .*cannot be combined with columns \['response'\]"):
+        load_site_config(site_config("  columns: {messages: m, response: r}\n"))
+    with pytest.raises(ConfigError, match=r"columns\.response is null"):
+        load_site_config(site_config("  columns: {response: null}\n"))
+    cfg = load_site_config(site_config("  columns: {input: Note}\n"))
+    assert cfg.data.columns == {"instruction": "instruction", "input": "Note", "response": "response"}

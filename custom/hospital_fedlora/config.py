@@ -8,6 +8,7 @@ change.
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar
 
@@ -72,9 +73,53 @@ class LoraSettings(StrictModel):
         return v
 
 
+class TaskSettings(StrictModel):
+    """What the job asks of every hospital's records, and how prompts are built: the same at every site."""
+
+    instruction: str | None = Field(
+        None,
+        description="the task's instruction for instruction/response records, the same at every site; it may name "
+        "record fields in braces ({department}) that each site maps to a column (data.columns); null takes each "
+        "record's own instruction column",
+    )
+    system_prompt: str | None = Field(None, description="a system turn put before records that have none")
+    prompt_format: Literal["auto", "chat_template", "plain"] = Field(
+        "auto",
+        description="chat_template: the base model tokenizer's chat template; plain: this bundle's "
+        "'### Instruction / ### Response' template; auto: the chat template when the tokenizer has one",
+    )
+    loss_on: Literal["assistant_turns", "last_assistant_turn"] = Field(
+        "assistant_turns", description="which tokens the loss is taken on; prompts and user turns never"
+    )
+
+    @field_validator("instruction")
+    @classmethod
+    def _template_fields(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("an empty instruction; write the task (or null to take each record's own instruction)")
+        for name in template_fields(v):
+            if not name.isidentifier():
+                raise ValueError(
+                    f"{{{name}}} is not a field name; name record fields in braces, e.g. {{department}} "
+                    "(write {{ and }} for literal braces)"
+                )
+        return v
+
+
+def template_fields(template: str) -> list[str]:
+    """The field names an instruction template uses, in order; ValueError if the braces are malformed."""
+    try:
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"malformed braces in the instruction ({err}); write {{{{ and }}}} for literal braces") from None
+
+
 class TrainingRecipe(StrictModel):
     """What every hospital trains with; set in the job's client config (executor argument ``recipe``)."""
 
+    task: TaskSettings = TaskSettings()
     lora: LoraSettings = LoraSettings()
     local_steps: int = Field(15, ge=1, description="optimizer steps per round at each site")
     batch_size: int = Field(8, ge=1, description="examples per optimizer step (effective batch)")
@@ -87,6 +132,13 @@ class TrainingRecipe(StrictModel):
 
 # -------------------------------------------------------------------------------------------- site side
 DataFormat = Literal["jsonl", "csv", "parquet"]
+# Instruction/response records; a mapping with 'messages' instead means conversational records.
+DEFAULT_COLUMNS = {"instruction": "instruction", "input": "input", "response": "response"}
+COLUMNS_HELP = (
+    "data.columns maps the task's fields to your column names: instruction (only when the job has no fixed "
+    "instruction), input (the note; null if none), response, any {field} the job's instruction names; or "
+    "messages alone for conversations (a list of {role, content})"
+)
 
 
 class DataFiles(StrictModel):
@@ -96,9 +148,29 @@ class DataFiles(StrictModel):
     validation: Path
     test: Path | None = None
     format: DataFormat | None = Field(None, description="inferred from the file suffix when omitted")
-    instruction_field: str = "instruction"
-    input_field: str | None = Field("input", description="context (e.g. the note); null if the files have none")
-    response_field: str = "response"
+    columns: dict[str, str | None] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="the task's fields -> this hospital's column names; see DEFAULT_COLUMNS and COLUMNS_HELP",
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, v: dict[str, str | None]) -> dict[str, str | None]:
+        for field, column in v.items():
+            if not field.isidentifier():
+                raise ValueError(f"{field!r} is not a field name; {COLUMNS_HELP}")
+            if column is None and field not in ("input", "instruction"):
+                raise ValueError(f"columns.{field} is null; only 'input' and 'instruction' may be left unmapped")
+        if v.get("messages") is not None:
+            extra = sorted(set(v) & {"instruction", "input", "response"})
+            if extra:
+                raise ValueError(f"columns.messages (conversations) cannot be combined with columns {extra}; {COLUMNS_HELP}")
+        return {**({} if v.get("messages") else DEFAULT_COLUMNS), **v}
+
+    @property
+    def conversational(self) -> bool:
+        return bool(self.columns.get("messages"))
 
 
 class PrivacySettings(StrictModel):
@@ -142,7 +214,14 @@ class SiteConfig(StrictModel):
 _SITE_HINT = "this is a site-level setting: hospital IT sets it in site_configs/<site>.yaml, not the job"
 _JOB_HINT = "this is a job-level training setting: the operator sets it in the job's recipe, not the site"
 _SITE_ONLY = {name: _SITE_HINT for name in SiteConfig.model_fields}
-_JOB_ONLY = {name: _JOB_HINT for name in (*TrainingRecipe.model_fields, *LoraSettings.model_fields)}
+_NOT_SITE_FIELDS = {
+    name: _JOB_HINT for name in (*TrainingRecipe.model_fields, *LoraSettings.model_fields, *TaskSettings.model_fields)
+}
+# Site configs written before data.columns existed.
+_NOT_SITE_FIELDS.update(
+    {f"{field}_field": f"replaced by data.columns: write '{field}: <your column>' under data.columns"
+     for field in ("instruction", "input", "response")}
+)
 
 
 def parse_recipe(raw: dict[str, Any] | None, source: str = "job config (executor argument 'recipe')") -> TrainingRecipe:
@@ -160,7 +239,7 @@ def load_site_config(path: str | Path, expected_site: str | None = None) -> Site
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
-    cfg = validate(SiteConfig, raw, str(path), "docs/hospital-it.md", _JOB_ONLY)
+    cfg = validate(SiteConfig, raw, str(path), "docs/hospital-it.md", _NOT_SITE_FIELDS)
     if expected_site is not None and cfg.site != expected_site:
         raise ConfigError(f"{path}: field 'site' is {cfg.site!r} but this client is {expected_site!r}")
     return _resolve_paths(cfg, path.parent)

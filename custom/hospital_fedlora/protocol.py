@@ -62,7 +62,7 @@ class Data:
 
 
 class Metric:
-    """Keys of a site's metrics: ``train`` results carry the first six, ``validate`` results the last three."""
+    """Keys of a site's metrics: ``train`` results carry the first seven, ``validate`` results the last three."""
 
     TRAIN_LOSS = "train_loss"
     VAL_LOSS_GLOBAL = "val_loss_global"  # validation loss of the global adapter the site received
@@ -70,6 +70,7 @@ class Metric:
     TRAIN_TOKENS = "train_tokens"
     TRAIN_SECONDS = "train_seconds"
     TASK_SECONDS = "task_seconds"  # the whole task at the site: set adapter, evaluate, train, evaluate, diff
+    TRUNCATED_RECORDS = "truncated_records"  # train records longer than the job's max_seq_length, cut to fit
     VAL_LOSS = "val_loss"
     BASE_VAL_LOSS = "base_val_loss"
     VAL_EXAMPLES = "val_examples"

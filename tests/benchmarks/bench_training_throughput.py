@@ -21,8 +21,9 @@ from peft import get_peft_model
 
 import hospital_fedlora.site.trainer as ad
 from hospital_fedlora.config import load_site_config, parse_recipe
-from hospital_fedlora.site.dataset import load_records, tokenize_record
+from hospital_fedlora.site.dataset import load_records
 from hospital_fedlora.site.model_loading import choose_placement, load_base_model, lora_config
+from hospital_fedlora.site.prompting import tokenize_record
 from hospital_fedlora.site.trainer import LocalTrainer, collate_batch
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,10 +1,8 @@
-"""A hospital's instruction data: read it, check it, turn it into supervised training examples.
+"""A hospital's data as it exports it (JSONL, CSV, Parquet): read it, map its columns onto the job's task, check it.
 
-Pure Python and torch; no FLARE. Errors are ``ConfigError``s written for hospital IT: they name the data
-file, the line or row, the field, and the site-config setting to change.
-
-Training examples follow an Alpaca-like prompt (``PROMPT_TEMPLATE``). Loss is taken on the response tokens
-only (labels are -100 on the prompt), and ``</s>`` is appended so the model learns where an answer ends.
+Pure Python; no FLARE, no tokenizer (``prompting`` turns records into training examples). Errors are
+``ConfigError``s written for hospital IT: they name the data file, the line or row, the field, and the
+site-config setting to change.
 """
 
 from __future__ import annotations
@@ -14,16 +12,10 @@ import json
 from pathlib import Path
 from typing import Iterator
 
-from ..config import ConfigError, DataFiles
+from ..config import ConfigError, DataFiles, TaskSettings, template_fields
 
-IGNORE_INDEX = -100
 SPLITS = ("train", "validation", "test")
 _SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
-
-PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-PROMPT_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
-_INPUT_HEADER = "\n\n### Input:\n"
-_RESPONSE_HEADER = "\n\n### Response:\n"
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -84,13 +76,21 @@ def _text(value) -> str:
     return "" if value is None else str(value).strip()
 
 
-def load_records(files: DataFiles, split: str, source: str) -> list[dict]:
-    """Read one split of a site's data as ``[{instruction, input, response}]`` (all strings).
+ROLES = ("system", "user", "assistant")
+
+
+def load_records(files: DataFiles, split: str, source: str, task: TaskSettings | None = None) -> list[dict]:
+    """Read one split of a site's data as records the prompt formats take (all strings):
+
+    - instruction/response files give ``{instruction, input, response}``; the instruction is the job's
+      (``task.instruction``, its ``{fields}`` filled from the record) or, when the job has none, the record's own;
+    - conversational files (``data.columns.messages``) give ``{messages: [{role, content}, ...]}``.
 
     ``source`` is the site config the paths came from, named in errors so the reader knows what to edit.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    task = task or TaskSettings()
     path = getattr(files, split)
     if path is None:
         raise ConfigError(f"{source}: no {split} data configured; set data.{split} to the file's path")
@@ -101,31 +101,20 @@ def load_records(files: DataFiles, split: str, source: str) -> list[dict]:
     if fmt not in _READERS:
         raise ConfigError(f"{path}: unknown data format {fmt!r}; data.format in {source} must be jsonl, csv or parquet")
 
-    wanted = {"instruction": files.instruction_field, "response": files.response_field}
-    if files.input_field is not None:
-        wanted["input"] = files.input_field
+    make = _conversation if files.conversational else _instruction_record
+    wanted = _wanted_columns(files, task, source)
     records = []
     try:
         for where, row in _READERS[fmt](path):
-            for role, field in wanted.items():
-                if field not in row:
+            for field, column in wanted.items():
+                if column not in row:
                     have = ", ".join(sorted(map(str, row))) or "none"
                     raise ConfigError(
-                        f"{path} {where}: no field {field!r} (the {role}); the record has fields: {have}. "
-                        f"Set data.{role}_field in {source} to the name your files use"
-                        + (", or null if there is no such column" if role == "input" else "")
+                        f"{path} {where}: no column {column!r} (the task's {field}); the record has: {have}. "
+                        f"Set data.columns.{field} in {source} to the name your files use"
+                        + (", or null if there is no such column" if field == "input" else "")
                     )
-            record = {
-                "instruction": _text(row[wanted["instruction"]]),
-                "input": _text(row[wanted["input"]]) if "input" in wanted else "",
-                "response": _text(row[wanted["response"]]),
-            }
-            if not record["response"]:
-                raise ConfigError(
-                    f"{path} {where}: field {files.response_field!r} (the response) is empty; "
-                    f"every training example needs an answer to learn from"
-                )
-            records.append(record)
+            records.append(make({f: row[c] for f, c in wanted.items()}, task, f"{path} {where}"))
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); re-save it as UTF-8") from None
     if not records:
@@ -133,64 +122,71 @@ def load_records(files: DataFiles, split: str, source: str) -> list[dict]:
     return records
 
 
-# ----------------------------------------------------------------------------------------------- prompting
-def format_prompt(record: dict) -> str:
-    """The prompt the model sees; its answer follows ``### Response:\\n``."""
-    if record.get("input"):
-        return PROMPT_TEMPLATE.format(instruction=record["instruction"], input=record["input"])
-    return PROMPT_TEMPLATE_NO_INPUT.format(instruction=record["instruction"])
+def _wanted_columns(files: DataFiles, task: TaskSettings, source: str) -> dict[str, str]:
+    """The task's field -> the column to read, for every field this job needs from this site's files."""
+    columns = files.columns
+    if files.conversational:
+        return {"messages": columns["messages"]}
+    wanted = {"response": columns["response"]}
+    if columns.get("input"):
+        wanted["input"] = columns["input"]
+    if task.instruction is None:
+        if not columns.get("instruction"):
+            raise ConfigError(
+                f"{source}: field 'data.columns.instruction' is null, but this job has no instruction of its own "
+                "(task.instruction), so each record must bring one: name the column that holds it"
+            )
+        wanted["instruction"] = columns["instruction"]
+    for field in template_fields(task.instruction or ""):
+        if field not in columns:
+            raise ConfigError(
+                f"{source}: the job's instruction names the field {{{field}}}; add 'data.columns.{field}: "
+                "<your column>' so it can be filled from your records"
+            )
+        wanted[field] = columns[field]
+    return wanted
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
-
-
-def _cut_middle(ids: list[int], keep: int) -> list[int]:
-    if keep <= 0:
-        return []
-    if len(ids) <= keep:
-        return ids
-    head = keep // 2
-    return ids[:head] + ids[len(ids) - (keep - head) :]
-
-
-def tokenize_record(record: dict, tokenizer, max_seq_length: int) -> dict[str, list[int]]:
-    """``input_ids`` = ``<s>`` prompt response ``</s>``; ``labels`` = -100 over ``<s>`` and the prompt.
-
-    The prompt is tokenized in three pieces (header with the instruction, the note, the response marker),
-    which for byte-level BPE gives the same ids as tokenizing ``format_prompt(record)`` whole, because every
-    piece boundary is a whitespace boundary.
-
-    Truncation, when the example is longer than ``max_seq_length``:
-
-    1. the response keeps everything the prompt leaves free, and never less than half the window
-       (cut at its end only if it alone is longer than that; ``</s>`` is then lost);
-    2. the note (``input``) is cut from the *middle*, keeping its opening (who the patient is) and its end
-       (the plan), so the instruction and the ``### Response:`` marker always survive;
-    3. only if that is not enough is the instruction header cut from the middle as well.
-    """
-    if max_seq_length < 8:
-        raise ValueError(f"max_seq_length must be at least 8, got {max_seq_length}")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos token; training needs one to mark the end of a response")
-
-    if record.get("input"):
-        header = _ids(tokenizer, "### Instruction:\n" + record["instruction"] + _INPUT_HEADER)
-        note = _ids(tokenizer, record["input"])
+def _instruction_record(values: dict, task: TaskSettings, where: str) -> dict:
+    for field in ("response", *template_fields(task.instruction or "")):
+        if not _text(values[field]):
+            raise ConfigError(
+                f"{where}: the task's {field} is empty"
+                + ("; every training example needs an answer to learn from" if field == "response" else "")
+            )
+    if task.instruction is None:
+        instruction = _text(values["instruction"])
+        if not instruction:
+            raise ConfigError(f"{where}: the instruction is empty, and the job sets none (task.instruction)")
     else:
-        header = _ids(tokenizer, "### Instruction:\n" + record["instruction"])
-        note = []
-    marker = _ids(tokenizer, _RESPONSE_HEADER)
-    response = _ids(tokenizer, record["response"]) + [tokenizer.eos_token_id]
+        instruction = task.instruction.format(**{f: _text(values[f]) for f in template_fields(task.instruction)})
+    return {"instruction": instruction, "input": _text(values.get("input")), "response": _text(values["response"])}
 
-    prompt_len = len(bos) + len(header) + len(note) + len(marker)
-    if prompt_len + len(response) > max_seq_length:
-        response = response[: max(max_seq_length - prompt_len, min(len(response), max_seq_length // 2))]
-        room = max_seq_length - len(response) - len(bos)
-        note = _cut_middle(note, room - len(header) - len(marker))
-        header = _cut_middle(header, room - len(note) - len(marker))
-        marker = marker[max(0, len(marker) - (room - len(header) - len(note))) :]
 
-    prompt = bos + header + note + marker
-    return {"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response}
+def _conversation(values: dict, task: TaskSettings, where: str) -> dict:
+    """``{messages}`` with known roles and text in every turn, ending with an answer to learn from."""
+    turns = values["messages"]
+    if isinstance(turns, str):  # CSV cells hold the list as JSON text
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{where}: the messages column is not a JSON list ({err.msg})") from None
+    if not isinstance(turns, list) or not turns:
+        raise ConfigError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
+    messages = []
+    for i, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise ConfigError(f"{where}: message {i} must be an object with 'role' and 'content'")
+        role, content = str(turn["role"]).strip(), _text(turn["content"])
+        if role not in ROLES:
+            raise ConfigError(
+                f"{where}: message {i} has the role {role!r}, which the prompt formats do not know; "
+                f"use one of {', '.join(ROLES)} (map your export's roles onto them)"
+            )
+        if not content:
+            raise ConfigError(f"{where}: message {i} ({role}) has no text")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "assistant":
+        raise ConfigError(f"{where}: the last message is from {messages[-1]['role']!r}; a record must end with an "
+                          "assistant answer to learn from")
+    return {"messages": messages}

@@ -21,11 +21,11 @@ from ..adapter_files import GLOBAL_ADAPTER_DIR, save_peft_adapter
 from ..adapter_layout import AdapterLayout
 from ..config import ConfigError, SiteConfig, load_site_config, parse_recipe
 from ..memory import release_memory
-from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, ROUND_TEXT, Meta, Metric
-from ..protocol import REFUSED_HEADER
+from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, REFUSED_HEADER, ROUND_TEXT, Meta, Metric
 from .dataset import load_records
 from .model_loading import apply_lora, choose_placement, load_base_model
 from .privacy_gate import check_job_allowed, check_result
+from .prompting import PromptBuilder
 from .trainer import (
     LocalTrainer,
     StepReport,
@@ -129,15 +129,16 @@ class LoraExecutor(Executor):
         check_job_allowed(site.privacy, self.client_config, self.train_task, source)
         if site.num_threads:
             torch.set_num_threads(site.num_threads)
-        train_records = load_records(site.data, "train", source)
-        val_records = load_records(site.data, "validation", source)
+        r = self.recipe
+        train_records = load_records(site.data, "train", source, r.task)
+        val_records = load_records(site.data, "validation", source, r.task)
         placement = choose_placement(site.device, site.dtype, site.load_in_4bit, source)
         model, tokenizer = load_base_model(site.base_model_path, placement, source)
         model = apply_lora(model, self.recipe.lora, self.recipe.seed)
         self.adapter_config = adapter_config_dict(model)
         self.initial_state = get_adapter_state(model)
         self.layout = AdapterLayout.from_tensors(self.initial_state)
-        r = self.recipe
+        prompts = PromptBuilder(tokenizer, r.task)
         self.trainer = LocalTrainer(
             model,
             tokenizer,
@@ -150,12 +151,22 @@ class LoraExecutor(Executor):
             weight_decay=r.weight_decay,
             # Sites draw different batches; the LoRA init above uses the shared seed alone.
             seed=r.seed + sum(name.encode()),
+            prompts=prompts,
         )
+        for split, n in self.trainer.truncated.items():
+            if n:
+                total = len(train_records if split == "train" else val_records)
+                self.log_warning(
+                    fl_ctx,
+                    f"{n} of {total} {split} records are longer than the job's max_seq_length "
+                    f"({r.max_seq_length} tokens) and were cut to fit (a note from its middle); the operator can raise "
+                    "max_seq_length in the job's recipe to keep them whole",
+                )
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.log_info(
             fl_ctx,
             f"ready: {len(train_records)} train / {len(val_records)} validation examples, "
-            f"{placement.device} {str(placement.dtype).removeprefix('torch.')}"
+            f"{prompts.format} prompts, {placement.device} {str(placement.dtype).removeprefix('torch.')}"
             f"{' 4-bit' if placement.load_in_4bit else ''}, {n_trainable:,} LoRA parameters, config {source}",
         )
 
@@ -245,6 +256,7 @@ class LoraExecutor(Executor):
             Metric.VAL_LOSS_LOCAL: val_local,
             Metric.TRAIN_TOKENS: result.tokens,
             Metric.TRAIN_SECONDS: result.seconds,
+            Metric.TRUNCATED_RECORDS: t.truncated["train"],
         }
         self.log_info(
             fl_ctx,

@@ -23,7 +23,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..adapter_files import AdapterState
 from ..adapter_layout import AdapterLayout
-from .dataset import IGNORE_INDEX, tokenize_record
+from .prompting import IGNORE_INDEX, PromptBuilder
 
 
 def _derive(seed: int, purpose: str, n: int) -> int:
@@ -111,12 +111,18 @@ class LocalTrainer:
         learning_rate: float,
         weight_decay: float,
         seed: int,
+        prompts: PromptBuilder | None = None,
     ):
+        """``prompts``: the job's prompt format for this tokenizer (default: the default task's)."""
         self.model = model
         self.device = next(p for p in model.parameters() if p.requires_grad).device
         self.pad_id = tokenizer.pad_token_id
-        self.train_examples = [tokenize_record(r, tokenizer, max_seq_length) for r in train_records]
-        self.val_examples = [tokenize_record(r, tokenizer, max_seq_length) for r in val_records]
+        prompts = prompts or PromptBuilder(tokenizer)
+        train = prompts.tokenize_all(train_records, max_seq_length, "train data (data.train)")
+        val = prompts.tokenize_all(val_records, max_seq_length, "validation data (data.validation)")
+        self.train_examples, self.val_examples = train.examples, val.examples
+        # Records cut to max_seq_length, per split: the executor reports them, nothing is cut silently.
+        self.truncated = {"train": train.truncated, "validation": val.truncated}
         self.batch_size = batch_size
         self.micro_batch_size = min(micro_batch_size, batch_size)
         self.learning_rate = learning_rate
