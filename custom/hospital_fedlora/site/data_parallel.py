@@ -159,8 +159,8 @@ class DataParallelGroup:
             except EOFError:
                 raise RuntimeError(f"data-parallel rank {rank} exited during {what}") from None
 
-    def stop(self) -> None:
-        """Ask every worker to exit, then make sure: none may outlive the job."""
+    def stop(self) -> list[int | None]:
+        """Ask every worker to exit, then make sure: none may outlive the job. Returns their exit codes."""
         for conn in self._conns:
             try:
                 conn.send(("stop",))
@@ -174,10 +174,12 @@ class DataParallelGroup:
                 proc.join(5.0)
         for conn in self._conns:
             conn.close()
+        exit_codes = [proc.exitcode for proc in self.workers]
         self._conns, self.workers = [], []
         if self.sync is not None and dist.is_initialized():
             dist.destroy_process_group()
         self.sync = None
+        return exit_codes
 
 
 # ------------------------------------------------------------------------------------------- workers

@@ -117,12 +117,14 @@ class LoraExecutor(Executor):
                 self.log_error(fl_ctx, f"site set-up failed: {self._setup_error}")
         elif event_type == EventType.END_RUN:
             self.trainer = None
-            self._stop_workers()
+            self._stop_workers(fl_ctx)
 
-    def _stop_workers(self) -> None:
+    def _stop_workers(self, fl_ctx: FLContext | None = None) -> None:
         if self.group is not None:
-            self.group.stop()
+            exit_codes = self.group.stop()
             self.group = None
+            if fl_ctx is not None:
+                self.log_info(fl_ctx, f"data-parallel workers stopped (exit codes {exit_codes})")
 
     def _setup(self, fl_ctx: FLContext) -> None:
         name = fl_ctx.get_identity_name()
