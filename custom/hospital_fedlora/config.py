@@ -201,7 +201,18 @@ class SiteConfig(StrictModel):
     load_in_4bit: bool = Field(False, description="QLoRA through bitsandbytes; needs CUDA")
     micro_batch_size: int = Field(4, ge=1, description="examples per forward pass; sized to this site's memory")
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default leaves torch's")
+    data_parallel: int | Literal["all"] = Field(
+        1, description="training processes at this site, one per GPU ('all': every visible GPU); see docs/hospital-it.md"
+    )
     privacy: PrivacySettings = PrivacySettings()
+
+    @field_validator("data_parallel", mode="before")
+    @classmethod
+    def _processes(cls, v: Any) -> Any:
+        # Checked before the union's own checks, whose messages would name its branches, not the field.
+        if v != "all" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError("expected a number of training processes, one per GPU (1 or more), or 'all'")
+        return v
 
     @model_validator(mode="after")
     def _qlora_needs_cuda(self) -> "SiteConfig":

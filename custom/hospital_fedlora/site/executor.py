@@ -7,7 +7,6 @@ import time
 import traceback
 from pathlib import Path
 
-import torch
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -22,10 +21,8 @@ from ..adapter_layout import AdapterLayout
 from ..config import ConfigError, SiteConfig, load_site_config, parse_recipe
 from ..memory import release_memory
 from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, REFUSED_HEADER, ROUND_TEXT, Meta, Metric
-from .dataset import load_records
-from .model_loading import apply_lora, choose_placement, load_base_model
+from .data_parallel import DataParallelGroup, RoundStopped, training_processes
 from .privacy_gate import check_job_allowed, check_result
-from .prompting import PromptBuilder
 from .trainer import (
     LocalTrainer,
     StepReport,
@@ -34,6 +31,7 @@ from .trainer import (
     set_adapter_state,
     subtract,
 )
+from .trainer_setup import build_trainer, site_placement
 
 SITE_CONFIG_FILE = "site_config.yaml"
 SITE_CONFIGS_ENV = "HOSPITAL_FEDLORA_SITE_CONFIGS"
@@ -105,6 +103,7 @@ class LoraExecutor(Executor):
         self.layout: AdapterLayout | None = None  # the adapter every global adapter must match
         self.site_source = ""  # the site config's path, named in refusals
         self.client_config: Path | None = None  # the job's client config as FLARE deployed it (the gate reads it)
+        self.group: DataParallelGroup | None = None  # the site's other training processes (data_parallel > 1)
         self._setup_error: str | None = None
 
     # ------------------------------------------------------------------------------------------ set-up
@@ -117,6 +116,14 @@ class LoraExecutor(Executor):
                 self.log_error(fl_ctx, f"site set-up failed: {self._setup_error}")
         elif event_type == EventType.END_RUN:
             self.trainer = None
+            self._stop_workers(fl_ctx)
+
+    def _stop_workers(self, fl_ctx: FLContext | None = None) -> None:
+        if self.group is not None:
+            exit_codes = self.group.stop()
+            self.group = None
+            if fl_ctx is not None:
+                self.log_info(fl_ctx, f"data-parallel workers stopped (exit codes {exit_codes})")
 
     def _setup(self, fl_ctx: FLContext) -> None:
         name = fl_ctx.get_identity_name()
@@ -127,47 +134,39 @@ class LoraExecutor(Executor):
         self.site_source = source = str(config_path)
         self.client_config = Path(workspace.get_client_app_config_file_path(fl_ctx.get_job_id()))
         check_job_allowed(site.privacy, self.client_config, self.train_task, source)
-        if site.num_threads:
-            torch.set_num_threads(site.num_threads)
-        r = self.recipe
-        train_records = load_records(site.data, "train", source, r.task)
-        val_records = load_records(site.data, "validation", source, r.task)
-        placement = choose_placement(site.device, site.dtype, site.load_in_4bit, source)
-        model, tokenizer = load_base_model(site.base_model_path, placement, source)
-        model = apply_lora(model, self.recipe.lora, self.recipe.seed)
+        placement = site_placement(site, source)
+        processes = training_processes(site.data_parallel, placement, source)
+        try:
+            if processes > 1:
+                # Started first, so the workers load their models while this process loads its own.
+                self.group = DataParallelGroup(site, self.recipe, source, processes, placement)
+                placement = site_placement(site, source, rank=0)
+            trainer = build_trainer(site, self.recipe, source, placement)
+            if self.group is not None:
+                self.group.attach(trainer)
+        except BaseException:
+            self._stop_workers()
+            raise
+        self.trainer, model = trainer, trainer.model
         self.adapter_config = adapter_config_dict(model)
         self.initial_state = get_adapter_state(model)
         self.layout = AdapterLayout.from_tensors(self.initial_state)
-        prompts = PromptBuilder(tokenizer, r.task)
-        self.trainer = LocalTrainer(
-            model,
-            tokenizer,
-            train_records,
-            val_records,
-            max_seq_length=r.max_seq_length,
-            batch_size=r.batch_size,
-            micro_batch_size=site.micro_batch_size,
-            learning_rate=r.learning_rate,
-            weight_decay=r.weight_decay,
-            # Sites draw different batches; the LoRA init above uses the shared seed alone.
-            seed=r.seed + sum(name.encode()),
-            prompts=prompts,
-        )
-        for split, n in self.trainer.truncated.items():
+        for split, n in trainer.truncated.items():
             if n:
-                total = len(train_records if split == "train" else val_records)
+                total = trainer.num_train_examples if split == "train" else len(trainer.val_examples)
                 self.log_warning(
                     fl_ctx,
                     f"{n} of {total} {split} records are longer than the job's max_seq_length "
-                    f"({r.max_seq_length} tokens) and were cut to fit (a note from its middle); the operator can raise "
-                    "max_seq_length in the job's recipe to keep them whole",
+                    f"({self.recipe.max_seq_length} tokens) and were cut to fit (a note from its middle); the operator "
+                    "can raise max_seq_length in the job's recipe to keep them whole",
                 )
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.log_info(
             fl_ctx,
-            f"ready: {len(train_records)} train / {len(val_records)} validation examples, "
-            f"{prompts.format} prompts, {placement.device} {str(placement.dtype).removeprefix('torch.')}"
-            f"{' 4-bit' if placement.load_in_4bit else ''}, {n_trainable:,} LoRA parameters, config {source}",
+            f"ready: {trainer.num_train_examples} train / {len(trainer.val_examples)} validation examples, "
+            f"{trainer.prompt_format} prompts, {placement.device} {str(placement.dtype).removeprefix('torch.')}"
+            f"{' 4-bit' if placement.load_in_4bit else ''}, {n_trainable:,} LoRA parameters"
+            f"{f', {processes} training processes' if processes > 1 else ''}, config {source}",
         )
 
     # -------------------------------------------------------------------------------------------- tasks
@@ -182,7 +181,7 @@ class LoraExecutor(Executor):
             # Whatever the task is called: adapter values leave only through a filter that encrypts them.
             check_result(self.site.privacy, self.client_config, task_name, result, self.site_source)
             return result
-        except _Aborted:
+        except (_Aborted, RoundStopped):
             return make_reply(ReturnCode.TASK_ABORTED)
         except ConfigError as err:
             self.log_error(fl_ctx, f"task {task_name} refused: {err}")
@@ -240,7 +239,8 @@ class LoraExecutor(Executor):
         this_round = ROUND_TEXT.format(round=rnd, last=total - 1) if isinstance(total, int) else f"round {rnd}"
 
         def progress(s: StepReport) -> None:
-            if abort_signal.triggered:
+            # With several ranks the stop travels with the gradients (RoundStopped), so all stop at one step.
+            if abort_signal.triggered and self.group is None:
                 raise _Aborted()
             if s.step % every == 0 or s.step == s.steps:
                 self.log_info(
@@ -248,7 +248,10 @@ class LoraExecutor(Executor):
                     f"{self.site.site} {this_round} step {s.step}/{s.steps} loss {s.loss:.4f} ({s.tokens_per_s:,.0f} tok/s)",
                 )
 
-        result = t.train(r.local_steps, progress, round=rnd)
+        if self.group is None:
+            result = t.train(r.local_steps, progress, round=rnd)
+        else:
+            result = self.group.train(r.local_steps, progress, rnd, stop_requested=lambda: abort_signal.triggered)
         val_local = t.evaluate(r.max_eval_examples)
         metrics = {
             Metric.TRAIN_LOSS: result.mean_loss,

@@ -97,7 +97,23 @@ class TrainResult:
     seconds: float
 
 
+# (LoRA parameters, this rank's loss sum, this rank's tokens) -> the step's totals over all ranks; sums the
+# parameters' gradients across ranks in place (site/data_parallel.py).
+GradientSync = Callable[[list[torch.Tensor], float, int], tuple[float, int]]
+
+
+def _response_tokens(example: dict) -> int:
+    """Next-token targets the example adds to a batch's loss (its response tokens after the first position)."""
+    return sum(1 for t in example["labels"][1:] if t != IGNORE_INDEX)
+
+
 class LocalTrainer:
+    # Data-parallel training (site/data_parallel.py) sets these on every rank's trainer: each rank trains on
+    # its share of every step's examples and ``gradient_sync`` sums the gradients before the step.
+    rank: int = 0
+    world_size: int = 1
+    gradient_sync: GradientSync | None = None
+
     def __init__(
         self,
         model: PeftModel,
@@ -118,6 +134,7 @@ class LocalTrainer:
         self.device = next(p for p in model.parameters() if p.requires_grad).device
         self.pad_id = tokenizer.pad_token_id
         prompts = prompts or PromptBuilder(tokenizer)
+        self.prompt_format = prompts.format
         train = prompts.tokenize_all(train_records, max_seq_length, "train data (data.train)")
         val = prompts.tokenize_all(val_records, max_seq_length, "validation data (data.validation)")
         self.train_examples, self.val_examples = train.examples, val.examples
@@ -162,7 +179,8 @@ class LocalTrainer:
         """``steps`` optimizer steps of round ``round`` (0-based): its batches follow those of rounds before it."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # dropout draws from the round's own seed, nothing else's
-            torch.manual_seed(_derive(self.seed, "dropout", round))
+            # Each rank draws its own masks; rank 0 draws those of a single-process run.
+            torch.manual_seed(_derive(self.seed, "dropout" if self.rank == 0 else f"dropout:{self.rank}", round))
             return self._train(steps, progress, first=round * steps * self.batch_size)
 
     def _train(self, steps: int, progress: Callable[[StepReport], None] | None, first: int) -> TrainResult:
@@ -174,15 +192,20 @@ class LocalTrainer:
         optimizer.zero_grad(set_to_none=True)
         losses, tokens, start = [], 0, time.perf_counter()
         for step in range(1, steps + 1):
-            micro = self._micro_batches(self._indices(first + (step - 1) * self.batch_size, self.batch_size))
-            # Weight micro-batches by their response tokens so accumulation equals one big batch exactly.
-            n_targets = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in micro)
-            step_loss = 0.0
-            for m in micro:
+            indices = self._indices(first + (step - 1) * self.batch_size, self.batch_size)
+            # Weight micro-batches by the whole step's response tokens (all ranks' examples) so accumulation,
+            # on one rank or several, equals one big batch exactly.
+            n_targets = sum(_response_tokens(self.train_examples[i]) for i in indices)
+            share = indices[self.rank * len(indices) // self.world_size : (self.rank + 1) * len(indices) // self.world_size]
+            step_loss, step_tokens = 0.0, 0
+            for m in self._micro_batches(share):
                 loss_sum, _ = self._summed_loss(m)
                 (loss_sum / max(n_targets, 1)).backward()
                 step_loss += loss_sum.item()
-                tokens += int(m["attention_mask"].sum())
+                step_tokens += int(m["attention_mask"].sum())
+            if self.gradient_sync is not None:
+                step_loss, step_tokens = self.gradient_sync(params, step_loss, step_tokens)
+            tokens += step_tokens
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss / max(n_targets, 1))
