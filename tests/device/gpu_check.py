@@ -28,7 +28,7 @@ import time
 import traceback
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 STARTED = time.perf_counter()
@@ -39,7 +39,16 @@ GPU_JSON = REPO / "docs" / "benchmarks" / "gpu.json"
 GPU_MODEL = "workspace/base_model_llama-3.2-1b"
 TINY_MODEL = "workspace/base_model"
 JOBS = ["fedlora_plain", "fedlora_he"]
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "nvflare", "tenseal")
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "nvflare", "tenseal")  # versions in the report
+REQUIRED = (*PACKAGES, "pydantic", "pyyaml", "safetensors", "tokenizers", "pytest")
+
+
+def _installed(package: str) -> bool:
+    try:
+        version(package)
+        return True
+    except PackageNotFoundError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -225,8 +234,19 @@ def main(argv: list[str] | None = None) -> int:
             sys.path.insert(0, str(extra))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "custom"), *filter(None, [os.environ.get("PYTHONPATH")])])
 
+    missing = [p for p in REQUIRED if not _installed(p)]
+    if missing:
+        print(f"error: this Python ({sys.executable}) lacks {', '.join(missing)}; the check needs the bundle's "
+              "dependencies (pyproject.toml). On a bare device machine, install them from carried wheels "
+              "(docs/benchmarks/README.md)", file=sys.stderr)  # fmt: skip
+        return 3
     import torch
 
+    if not args.smoke and torch.version.cuda is None and (shutil.which("nvidia-smi") or Path("/dev/nvidiactl").exists()):
+        print(f"error: this machine has an NVIDIA GPU but this Python's torch ({torch.__version__}) is a CPU build; "
+              "run the check with a CUDA build of torch (on the device machine, its python3), or pass --smoke",
+              file=sys.stderr)  # fmt: skip
+        return 3
     reason = "--smoke" if args.smoke else None if torch.cuda.is_available() else "no CUDA device visible"
     plan = make_plan(smoke=reason is not None)
     work = (args.work or REPO / ("workspace/gpu_check_smoke" if plan.smoke else "workspace/gpu_check")).resolve()
