@@ -117,6 +117,7 @@ def count_parameters(path: Path) -> int:
 
 def gpu_path_tests(plan: Plan, work: Path) -> dict:
     junit = work / "test_gpu_paths.xml"
+    junit.unlink(missing_ok=True)  # an earlier run's
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu_paths.py", f"--junitxml={junit}"]
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     outcomes = {}
@@ -124,7 +125,9 @@ def gpu_path_tests(plan: Plan, work: Path) -> dict:
         kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
         outcomes[case.get("name")] = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(
             kinds[0] if kinds else "", "passed")  # fmt: skip
-    counts = {f"{k}s" if k == "error" else k: sum(v == k for v in outcomes.values()) for k in ("passed", "failed", "error", "skipped")}
+    tally = list(outcomes.values())
+    counts = {"passed": tally.count("passed"), "failed": tally.count("failed"), "errors": tally.count("error"),
+              "skipped": tally.count("skipped")}  # fmt: skip
     # On the device every test must run and pass; without CUDA they must skip cleanly.
     ok = run.returncode == 0 and bool(outcomes) and (plan.smoke or counts["passed"] == len(outcomes))
     out = {"command": "pytest tests/test_gpu_paths.py", "exit_code": run.returncode, "ok": ok, **counts, "tests": outcomes}
