@@ -12,7 +12,7 @@ export PYTHONPATH := $(CURDIR)/custom$(if $(PYTHONPATH),:$(PYTHONPATH))
 # Torch threads: 2 cores here; FLARE clients run as separate processes.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup base-model data demo demo-sim test bench kits clean
+.PHONY: setup base-model data demo demo-sim test bench kits clean gpu-check
 
 setup: $(VENV)/.installed
 
@@ -64,6 +64,12 @@ bench: base-model data
 	$(PY) tests/benchmarks/bench_deployment.py --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_memory_soak.py --probe --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_reliability.py --out docs/benchmarks
+
+# On a machine with one CUDA GPU (docs/benchmarks/README.md): the 1B-shaped model built offline, the GPU
+# tests, executor vs plain loop in bf16 and 4-bit, one round of each job on kits -> docs/benchmarks/gpu.json.
+# Without CUDA it runs its CPU smoke form into workspace/gpu_check_smoke/gpu.json instead.
+gpu-check: setup base-model data
+	$(PY) tests/device/gpu_check.py
 
 clean:
 	rm -rf $(WORK) .pytest_cache
