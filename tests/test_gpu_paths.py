@@ -81,3 +81,36 @@ def test_4bit_qlora_trains_a_step_and_returns_float32(base_model_dir, records):
 
     before, after = _train_one_step(model, tokenizer, records)
     _assert_float32_and_trained(before, after)
+
+
+def test_a_qlora_site_and_a_cpu_site_average_cleanly(base_model_dir, records):
+    """The adapter leaves a 4-bit GPU site in the same float32 format as a CPU site's, and their average
+    loads back into both (the plaintext aggregator does the averaging)."""
+    from nvflare.apis.dxo import from_shareable
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.app_constant import AppConstants
+    from test_fedavg_aggregator import contribution
+
+    from hospital_fedlora.server.fedavg_aggregator import FedAvgAdapterAggregator
+    from hospital_fedlora.site.trainer import subtract
+
+    models, diffs = {}, {}
+    for site, placement, checkpointing in (
+        ("hospital-a", choose_placement("cpu", "auto", False), False),
+        ("hospital-b", choose_placement("cuda", "auto", True), True),
+    ):
+        model, tokenizer = load_base_model(base_model_dir, placement, gradient_checkpointing=checkpointing)
+        model = apply_lora(model, LoraSettings(r=8, dropout=0.0), seed=0)
+        before, after = _train_one_step(model, tokenizer, records)
+        models[site], diffs[site] = model, subtract(after, before)
+    a, b = diffs["hospital-a"], diffs["hospital-b"]
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype == np.float32 for k in a)
+    ctx = FLContext()
+    ctx.set_prop(AppConstants.CURRENT_ROUND, 0)
+    agg = FedAvgAdapterAggregator(min_contributions=2)
+    assert agg.accept(contribution("hospital-a", a, 30), ctx) and agg.accept(contribution("hospital-b", b, 10), ctx)
+    mean = from_shareable(agg.aggregate(ctx)).data
+    for model in models.values():
+        state = {k: v + mean[k] for k, v in get_adapter_state(model).items()}
+        set_adapter_state(model, state)
+        assert all(np.array_equal(get_adapter_state(model)[k], state[k]) for k in state)

@@ -166,7 +166,8 @@ class LoraExecutor(Executor):
             f"ready: {trainer.num_train_examples} train / {len(trainer.val_examples)} validation examples, "
             f"{trainer.prompt_format} prompts, {placement.device} {str(placement.dtype).removeprefix('torch.')}"
             f"{' 4-bit' if placement.load_in_4bit else ''}, {n_trainable:,} LoRA parameters"
-            f"{f', {processes} training processes' if processes > 1 else ''}, config {source}",
+            f"{f', {processes} training processes' if processes > 1 else ''}"
+            f"{', gradient checkpointing' if site.gradient_checkpointing else ''}, config {source}",
         )
 
     # -------------------------------------------------------------------------------------------- tasks

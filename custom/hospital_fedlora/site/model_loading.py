@@ -77,7 +77,7 @@ def check_causal_lm_folder(path: Path, source: str = "site config") -> None:
 
 
 def load_base_model(
-    path: Path, placement: Placement, source: str = "site config"
+    path: Path, placement: Placement, source: str = "site config", gradient_checkpointing: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     check_causal_lm_folder(path, source)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -100,9 +100,14 @@ def load_base_model(
     if placement.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
+        # Casts the norms and the head to float32 for stable 4-bit training; checkpointing is set up below.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
         model.to(placement.device)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad, so it works under frozen embeddings.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     return model, tokenizer
 
 
@@ -127,4 +132,10 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int, source
             f"(linear layers include e.g. q_proj, k_proj, v_proj, o_proj)"
         )
     torch.manual_seed(seed)
-    return get_peft_model(model, lora_config(settings))
+    peft_model = get_peft_model(model, lora_config(settings))
+    # The adapter trains and travels in float32 whatever the base model's precision (bf16, 4-bit): the
+    # optimizer's moments are float32 and every site's adapter is the same format to average.
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return peft_model

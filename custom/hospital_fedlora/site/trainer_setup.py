@@ -30,7 +30,7 @@ def build_trainer(site: SiteConfig, recipe: TrainingRecipe, source: str, placeme
         torch.set_num_threads(site.num_threads)
     train_records = load_records(site.data, "train", source, recipe.task)
     val_records = load_records(site.data, "validation", source, recipe.task)
-    model, tokenizer = load_base_model(site.base_model_path, placement, source)
+    model, tokenizer = load_base_model(site.base_model_path, placement, source, site.gradient_checkpointing)
     model = apply_lora(model, recipe.lora, recipe.seed)
     return LocalTrainer(
         model,
