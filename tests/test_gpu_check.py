@@ -77,9 +77,10 @@ def test_the_smoke_check_runs_every_part_and_reports_its_fields(tmp_path, base_m
 
     assert r["base_model"]["path"] == "workspace/base_model" and r["base_model"]["parameters"] > 1_000_000
     tests = r["gpu_path_tests"]
-    assert tests["ok"] and tests["exit_code"] == 0 and len(tests["tests"]) == 2
+    assert tests["ok"] and tests["exit_code"] == 0
+    assert {"test_bf16_on_cuda_trains_a_step", "test_4bit_qlora_trains_a_step_and_returns_float32"} <= set(tests["tests"])
     if not torch.cuda.is_available():
-        assert tests["skipped"] == 2 and set(tests["tests"].values()) == {"skipped"}
+        assert tests["skipped"] == len(tests["tests"]) and set(tests["tests"].values()) == {"skipped"}
 
     bf16, four_bit = r["training"]["bf16"], r["training"]["4bit"]
     assert bf16["placement"] == "float32 on cpu" and bf16["peak_gpu_memory_mib"] is None

@@ -146,7 +146,8 @@ class LocalFederation:
         proc.wait()  # start.sh only backgrounds sub_start.sh and returns
         # While the watchdog execs, /proc briefly shows it without its environment, so it looks unmarked;
         # without this wait, a check right after a start (no hospitals to start in between) saw a dead kit.
-        deadline = time.monotonic() + 10.0
+        # 30 s: on a machine short of memory (a 16 GB model loading beside the suite) 10 s was not enough.
+        deadline = time.monotonic() + 30.0
         while not self.kit_processes(kit) and time.monotonic() < deadline:
             time.sleep(0.1)
 
