@@ -74,5 +74,11 @@ bench: base-model data
 	$(PY) tests/benchmarks/bench_memory_soak.py --probe --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_reliability.py --out docs/benchmarks
 
+# Not in `make bench` (too slow): builds workspace/base_model_llama-3.2-1b and _llama-3.1-8b (2.5 + 16 GB of
+# disk) if absent, and loads the 8B one in bf16 (about 16 GB of memory).
+.PHONY: bench-real-shapes
+bench-real-shapes: base-model data
+	$(PY) tests/benchmarks/bench_real_shapes.py --tokenizer-from $(WORK)/base_model --out docs/benchmarks
+
 clean:
 	rm -rf $(WORK) .pytest_cache
