@@ -119,8 +119,11 @@ def child_load_bf16(args) -> dict:
 
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, local_files_only=True)
-    return {"parameters": sum(p.numel() for p in model.parameters()), "load_s": round(time.perf_counter() - start, 1),
-            "peak_rss_mb": round(peak_rss_mb())}  # fmt: skip
+    loaded = peak_rss_mb()  # the shards are memory-mapped: little of them is resident yet
+    with torch.no_grad():  # one forward pass of 8 tokens touches every weight, as the first step would
+        model(input_ids=torch.arange(1, 9).unsqueeze(0))
+    return {"parameters": sum(p.numel() for p in model.parameters()), "load_and_forward_s": round(time.perf_counter() - start, 1),
+            "peak_rss_mb_after_from_pretrained": round(loaded), "peak_rss_mb": round(peak_rss_mb())}  # fmt: skip
 
 
 def _records_and_model(args):
@@ -233,7 +236,8 @@ Uploads are one site's train result after its job's task-result filters, seriali
 (`Shareable.to_bytes()`), with real encryption under `jobs/fedlora_he`'s shipped settings (clip
 {SHIPPED['clip']}, full_weight {SHIPPED['full_weight']}, max_sites 8); ciphertexts alone and the filters' CPU
 time are in the JSON. Peak RSS of loading is a fresh process's `ru_maxrss` after
-`AutoModelForCausalLM.from_pretrained(..., dtype=torch.bfloat16)`: reported, not trained.
+`AutoModelForCausalLM.from_pretrained(..., dtype=torch.bfloat16)` and one forward pass of 8 tokens (the
+shards are memory-mapped, so `from_pretrained` alone leaves most weights on disk): reported, not trained.
 
 ## {SHAPES[0]}: one site's round on CPU
 
@@ -283,6 +287,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=32, help="max_seq_length: short sequences")
+    ap.add_argument("--load-only", action="store_true", help="re-measure only the bf16 loads, into the report in --out")
     ap.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -290,6 +295,15 @@ def main(argv=None) -> int:
         print(json.dumps(CHILDREN[args.child](args)))
         return 0
 
+    if args.load_only:
+        report = json.loads((args.out / "real_shapes.json").read_text())
+        with tempfile.TemporaryDirectory(prefix="real_shapes_models_") as tmp:
+            for shape, folder in models(args, Path(tmp)).items():
+                need = report["shapes"][shape]["weight_bytes"] / 2**30 * 1.1 + 1.5
+                report["shapes"][shape]["load_bf16"] = run_child("load_bf16", args, folder, attempts=3, need_gb=need)
+        (args.out / "real_shapes.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_markdown(args.out / "real_shapes.md", report)
+        return 0
     from nvflare.app_common.decomposers import common_decomposers
 
     common_decomposers.register()
