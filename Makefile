@@ -23,9 +23,18 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Offline, seeded: a small Llama-architecture model with its own tokenizer, briefly pre-trained.
+# SHAPE=llama-3.2-1b or SHAPE=llama-3.1-8b: that published shape with random bf16 weights and the tiny
+# model's tokenizer, into $(WORK)/base_model_$(SHAPE) (2.5 GB / 16 GB on disk), for measuring at true size.
+SHAPE ?= tiny
+ifeq ($(SHAPE),tiny)
 base-model: setup $(WORK)/base_model/config.json
+else
+base-model: setup $(WORK)/base_model_$(SHAPE)/build_info.json
+endif
 $(WORK)/base_model/config.json: | $(VENV)/.installed
 	$(PY) -m hospital_fedlora_tools.base_model --out $(WORK)/base_model
+$(WORK)/base_model_%/build_info.json: | $(WORK)/base_model/config.json
+	$(PY) -m hospital_fedlora_tools.base_model --shape $* --out $(WORK)/base_model_$* --tokenizer-from $(WORK)/base_model
 
 # Three hospitals' synthetic, non-IID clinical notes (train/validation/test).
 data: setup $(WORK)/data/hospital-a/train.jsonl
@@ -70,6 +79,12 @@ bench: base-model data
 # Without CUDA it runs its CPU smoke form into workspace/gpu_check_smoke/gpu.json instead.
 gpu-check: setup base-model data
 	$(PY) tests/device/gpu_check.py
+
+# Not in `make bench` (too slow): builds workspace/base_model_llama-3.2-1b and _llama-3.1-8b (2.5 + 16 GB of
+# disk) if absent, and loads the 8B one in bf16 (about 16 GB of memory).
+.PHONY: bench-real-shapes
+bench-real-shapes: base-model data
+	$(PY) tests/benchmarks/bench_real_shapes.py --tokenizer-from $(WORK)/base_model --out docs/benchmarks
 
 clean:
 	rm -rf $(WORK) .pytest_cache

@@ -128,3 +128,57 @@ def test_lora_has_something_to_learn(base_model_dir):
         tuned_loss = model(**val).loss.item()
     assert base_loss > 3.0  # not already solved by pre-training
     assert tuned_loss < base_loss - 0.3
+
+
+# ----------------------------------------------------------------------- published shapes, random weights
+# The 1B shape scaled down through the same code path: same heads ratio, rope, tied embeddings and vocab
+# larger than the tokenizer, but 64 wide and 2 layers deep; small shards so the index has several.
+SMALL_1B = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, vocab_size=4096)
+
+
+def test_real_shape_folder_loads_with_published_config_shards_and_chat_template(tmp_path, base_model_dir):
+    from hospital_fedlora_tools.real_shapes import BUILD_INFO as SHAPE_INFO, EOT, INDEX, build_real_shape, is_complete
+
+    out = build_real_shape(tmp_path / "m", "llama-3.2-1b", base_model_dir, shard_bytes=600_000, log=None, **SMALL_1B)
+    assert is_complete(out) and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["rope_theta"] == 500000.0 and config["max_position_embeddings"] == 131072
+    assert config["rope_scaling"]["rope_type"] == "llama3" and config["rope_scaling"]["factor"] == 32.0
+    assert (config["num_key_value_heads"], config["vocab_size"], config["tie_word_embeddings"]) == (2, 4096, True)
+
+    index = json.loads((out / INDEX).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert shards == [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    assert "lm_head.weight" not in index["weight_map"]  # tied
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    assert isinstance(model, LlamaForCausalLM) and model.dtype == torch.bfloat16
+    assert model.config.rope_parameters["rope_type"] == "llama3"
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    n_params = sum(p.numel() for p in model.parameters())
+    assert index["metadata"]["total_size"] == 2 * n_params
+    assert json.loads((out / SHAPE_INFO).read_text())["parameters"] == n_params
+
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert "chat_template" in json.loads((out / "tokenizer_config.json").read_text())
+    text = tok.apply_chat_template([{"role": "user", "content": "Obs HR 118"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<s><|start_header_id|>user<|end_header_id|>\n\nObs HR 118<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    ids = tok.apply_chat_template([{"role": "user", "content": "Obs HR 118"}], tokenize=True)["input_ids"]
+    assert tok.convert_tokens_to_ids(EOT) in ids and max(ids) < config["vocab_size"]
+    assert model(input_ids=torch.tensor([ids])).logits.shape == (1, len(ids), 4096)
+
+
+def test_real_shape_weights_are_seeded_per_tensor_and_8b_is_untied(tmp_path, base_model_dir):
+    from hospital_fedlora_tools.real_shapes import SHAPES, build_real_shape, weight_shapes
+
+    small = dict(SMALL_1B, num_hidden_layers=1)
+    a = build_real_shape(tmp_path / "a", "llama-3.1-8b", base_model_dir, log=None, **small)
+    b = build_real_shape(tmp_path / "b", "llama-3.1-8b", base_model_dir, shard_bytes=300_000, log=None, **small)
+    wa = load_file(a / "model-00001-of-00001.safetensors")
+    wb = {k: v for f in sorted(b.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert wa.keys() == wb.keys() and "lm_head.weight" in wa  # 8B does not tie
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # the shard layout does not change the weights
+    assert json.loads((a / "config.json").read_text())["rope_scaling"]["factor"] == 8.0
+    # the published full-size parameter counts
+    assert sum(torch.Size(s).numel() for s in weight_shapes(SHAPES["llama-3.2-1b"]).values()) == 1_235_814_400
+    assert sum(torch.Size(s).numel() for s in weight_shapes(SHAPES["llama-3.1-8b"]).values()) == 8_030_261_248

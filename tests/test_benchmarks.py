@@ -33,3 +33,27 @@ def test_he_benchmark_quick_run_reports_every_mode_within_its_error_bounds(tmp_p
     for name in ("packed_bfv_int16", "packed_bfv_int8"):
         assert report["mac_overhead"][name]["with_over_without"]["up_bytes_per_site"]["max"] <= 1.02, name
     assert "## The aggregate MAC's cost" in (tmp_path / "he_aggregation.md").read_text()
+
+
+def test_real_shapes_benchmark_quick_run_measures_the_shipped_components(tmp_path, base_model_dir, data_dir):
+    """bench_real_shapes.py on scaled-down shapes: the figures it reports are there and add up."""
+    subprocess.run(
+        [sys.executable, str(REPO / "tests" / "benchmarks" / "bench_real_shapes.py"), "--quick", "--repeats", "1",
+         "--steps", "1", "--tokenizer-from", str(base_model_dir), "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "real_shapes.json").read_text())
+    assert list(report["shapes"]) == ["llama-3.2-1b", "llama-3.1-8b"] and report["quick"]
+    for shape in report["shapes"].values():
+        # r=16 on q/k/v/o of 2 layers 64 wide with 2 of 4 heads for k/v: 2 * 16 * (128 + 96 + 96 + 128)
+        assert shape["adapter_parameters"] == 14_336 and shape["adapter_tensors"] == 16
+        m = shape["messages"]
+        assert m["plaintext_fp32"]["up_bytes"] > 4 * shape["adapter_parameters"]
+        assert m["packed_bfv_int8"]["ciphertext_bytes"] < m["packed_bfv_int16"]["ciphertext_bytes"]
+        assert shape["load_bf16"]["parameters"] == shape["parameters"] and shape["load_bf16"]["peak_rss_mb"] > 0
+    assert report["shapes"]["llama-3.1-8b"]["parameters"] > report["shapes"]["llama-3.2-1b"]["parameters"]  # untied head
+    one = report["shapes"]["llama-3.2-1b"]
+    assert len(one["throughput"]["executor_tokens_per_s"]) == len(one["throughput"]["plain_loop_tokens_per_s"]) == 1
+    assert one["site_round"]["peak_rss_mb"] >= one["site_round"]["peak_rss_mb_after_setup"] > 0
+    assert one["site_round"]["up_bytes"] > 0
+    assert (tmp_path / "real_shapes.md").read_text().startswith("# The shipped components at real Llama-3.x shapes")

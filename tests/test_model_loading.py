@@ -89,6 +89,82 @@ def test_folder_without_tokenizer_is_refused(tmp_path, base_model_dir):
         load_base_model(folder, CPU)
 
 
+# ------------------------------------------------------------- a staged real checkpoint's weight files
+def _sharded_folder(tmp_path, base_model_dir):
+    """The project's model saved as a hub checkpoint is: safetensors shards with model.safetensors.index.json."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(base_model_dir, local_files_only=True).save_pretrained(folder, max_shard_size="3MB")
+    _copy_tokenizer(base_model_dir, folder)
+    shards = sorted(set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()))
+    assert len(shards) > 1 and not (folder / "model.safetensors").exists()
+    return folder, shards
+
+
+def test_sharded_checkpoint_passes_and_loads(tmp_path, base_model_dir):
+    folder, _ = _sharded_folder(tmp_path, base_model_dir)
+    check_causal_lm_folder(folder)
+    model, _ = load_base_model(folder, CPU)
+    assert sum(p.numel() for p in model.parameters()) == 2119936
+
+
+def test_shard_named_in_the_index_but_missing_is_refused(tmp_path, base_model_dir):
+    folder, shards = _sharded_folder(tmp_path, base_model_dir)
+    (folder / shards[-1]).unlink()
+    with pytest.raises(ConfigError) as err:
+        check_causal_lm_folder(folder, source="site_configs/hospital-a.yaml")
+    message = str(err.value)
+    assert "site_configs/hospital-a.yaml: field 'base_model_path'" in message
+    assert f"model.safetensors.index.json names 1 shard(s) not in the folder: {shards[-1]}" in message
+
+
+def test_truncated_shard_is_refused(tmp_path, base_model_dir):
+    folder, shards = _sharded_folder(tmp_path, base_model_dir)
+    data = (folder / shards[0]).read_bytes()
+    (folder / shards[0]).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match=rf"'base_model_path'.*{shards[0]} is truncated .* the copy stopped part way"):
+        check_causal_lm_folder(folder)
+
+
+def test_git_lfs_pointer_instead_of_weights_is_refused(tmp_path, base_model_dir):
+    folder = _model_folder(tmp_path, base_model_dir)
+    (folder / "model.safetensors").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2147\nsize 8479864\n"
+    )
+    with pytest.raises(ConfigError, match=r"'base_model_path'.*model.safetensors is a Git LFS pointer.*git lfs pull"):
+        check_causal_lm_folder(folder)
+
+
+def test_folder_without_weights_is_refused(tmp_path, base_model_dir):
+    folder = _model_folder(tmp_path, base_model_dir)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"'base_model_path'.*no weights \(expected model.safetensors"):
+        check_causal_lm_folder(folder)
+
+
+def test_unreadable_shard_index_is_refused(tmp_path, base_model_dir):
+    folder, _ = _sharded_folder(tmp_path, base_model_dir)
+    (folder / "model.safetensors.index.json").write_text('{"metadata": {}}')
+    with pytest.raises(ConfigError, match=r"model.safetensors.index.json is not a valid shard index"):
+        check_causal_lm_folder(folder)
+
+
+def test_tokenizer_larger_than_the_embedding_is_refused(tmp_path, base_model_dir):
+    folder = _model_folder(tmp_path, base_model_dir)
+    config = json.loads((folder / "config.json").read_text())
+    # as when a Llama-3 tokenizer (128,256 ids) is staged next to a model with a smaller vocabulary
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    with pytest.raises(ConfigError) as err:
+        check_causal_lm_folder(folder, source="hospital-b.yaml")
+    message = str(err.value)
+    assert "hospital-b.yaml: field 'base_model_path'" in message
+    assert "tokenizer has ids up to 2099 but the model has 1000 embedding rows" in message
+    # more rows than tokens is normal (Llama-3, Qwen2 pad their embeddings): accepted
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 4096}))
+    check_causal_lm_folder(folder)
+
+
 # ------------------------------------------------------------------------------------------ placement
 @NO_CUDA
 def test_cuda_without_a_gpu_is_refused():

@@ -8,7 +8,9 @@ something real to learn. The folder it writes is an ordinary Hugging Face causal
 ``AutoTokenizer`` load like any downloaded Llama; a hospital with a real model points its site config there
 instead.
 
-Usage: ``python -m hospital_fedlora_tools.base_model --out workspace/base_model [--seed 0] [--force]``
+Usage: ``python -m hospital_fedlora_tools.base_model --out workspace/base_model [--seed 0] [--force]``.
+``--shape llama-3.2-1b`` or ``--shape llama-3.1-8b`` writes instead a folder with that published shape and
+random weights (``real_shapes.py``), for measuring at true size.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import torch
 
 from hospital_fedlora.atomic_folder import replace_folder
 
+from .real_shapes import SHAPES, build_real_shape
+from .real_shapes import is_complete as is_complete_real_shape
 from .synthetic_notes import general_corpus
 
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -245,10 +249,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=BaseModelSpec.pretrain_steps, help="pre-training steps")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder holds a complete model")
+    parser.add_argument("--shape", default="tiny", choices=["tiny", *SHAPES],
+                        help="tiny (pre-trained here) or a published Llama-3.x shape with random weights")
+    parser.add_argument("--tokenizer-from", type=Path, default=Path("workspace/base_model"),
+                        help="with --shape other than tiny: the tiny model whose tokenizer is copied")
     args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if args.shape != "tiny":
+        if is_complete_real_shape(args.out) and not args.force:
+            print(f"{args.out} already holds a complete {args.shape} model; nothing to do (use --force to rebuild)")
+            return 0
+        build_real_shape(args.out, args.shape, args.tokenizer_from, seed=args.seed, overwrite=True)
+        return 0
     if is_complete_model(args.out) and not args.force:
         info = json.loads((args.out / BUILD_INFO).read_text())
         print(f"{args.out} already holds a complete base model (seed {info['spec']['seed']}); "

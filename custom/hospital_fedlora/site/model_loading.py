@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from ..config import ConfigError, LoraSettings
+from .checkpoint_files import check_tokenizer_fits, check_weight_files
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ def check_causal_lm_folder(path: Path, source: str = "site config") -> None:
         )
     if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise ConfigError(f"{where}: no tokenizer files next to the weights; stage the tokenizer with the model")
+    check_weight_files(path, where)
+    check_tokenizer_fits(path, config, where)
 
 
 def load_base_model(
