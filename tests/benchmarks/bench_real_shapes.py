@@ -33,10 +33,11 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from bench_he_aggregation import PACKED, SHIPPED, ciphertext_bytes, packed_job, plain_job, train_result  # noqa: E402
 from bench_training_throughput import plain_loop  # noqa: E402
-from job_in_process import REPO, JobInProcess  # noqa: E402
 
 from hospital_fedlora.config import LoraSettings  # noqa: E402
 from hospital_fedlora.he.bfv_context import CLIENT_CONTEXT_FILE, SERVER_CONTEXT_FILE, BFVParams, make_context, serialize_context  # noqa: E402
+
+from job_in_process import REPO, JobInProcess  # noqa: E402
 
 LORA = LoraSettings(r=16, alpha=32, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
 SHAPES = ("llama-3.2-1b", "llama-3.1-8b")
@@ -143,13 +144,12 @@ def _records_and_model(args):
 def child_throughput(args) -> dict:
     """``LocalTrainer.train`` (with the executor's adapter set / read / difference) against ``plain_loop``."""
     import hospital_fedlora.site.trainer as ad
-    from hospital_fedlora.site.dataset import tokenize_record
     from hospital_fedlora.site.trainer import LocalTrainer
 
     train, model, tok = _records_and_model(args)
     trainer = LocalTrainer(model, tok, train, [], max_seq_length=args.seq, batch_size=args.batch,
                            micro_batch_size=args.batch, learning_rate=1e-3, weight_decay=0.0, seed=0)  # fmt: skip
-    examples = [tokenize_record(r, tok, args.seq) for r in train]
+    examples = trainer.train_examples  # the very examples the executor trains on (its prompt format)
     start_state = ad.get_adapter_state(model)
 
     def executor_side() -> float:
@@ -169,7 +169,8 @@ def child_throughput(args) -> dict:
     runs = [(executor_side(), plain_side(rep)) for rep in range(args.repeats)]  # A B, A B, ...
     ratios = [e / p for e, p in runs]
     return {"executor_tokens_per_s": [round(e, 2) for e, _ in runs], "plain_loop_tokens_per_s": [round(p, 2) for _, p in runs],
-            "ratio": spread(ratios), "torch_threads": torch.get_num_threads(), "peak_rss_mb": round(peak_rss_mb())}  # fmt: skip
+            "ratio": spread(ratios), "torch_threads": torch.get_num_threads(), "peak_rss_mb": round(peak_rss_mb()),
+            "steps": args.steps, "repeats": args.repeats, "batch": args.batch, "seq": args.seq}  # fmt: skip
 
 
 def child_site_round(args) -> dict:
@@ -251,8 +252,9 @@ after set-up, before the round); the round took {rnd['round_s']} s and uploaded 
 ## {SHAPES[0]}: executor vs a plain peft + transformers loop
 
 `LocalTrainer.train` with the executor's adapter set / read / difference, against `plain_loop` from
-`bench_training_throughput.py`, same model (float32 on CPU), data (hospital-a), batch {r['batch']}, sequences
-cut to {r['seq']} tokens, {r['steps']} optimizer steps per side per repeat, {r['repeats']} repeats interleaved
+`bench_training_throughput.py`, same model (float32 on CPU), data (hospital-a) and tokenized examples (the
+executor's prompt format), batch {t.get('batch', r['batch'])}, sequences cut to {t.get('seq', r['seq'])} tokens,
+{t.get('steps', r['steps'])} optimizer steps per side per repeat, {t.get('repeats', r['repeats'])} repeats interleaved
 (executor, plain, executor, plain, ...) after one untimed step of each, {t['torch_threads']} torch threads.
 
 | executor tokens/s (per repeat) | plain loop tokens/s (per repeat) | ratio: median (min..max) |
@@ -268,11 +270,11 @@ def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} torch threads, Python {sys.version.split()[0]}, torch {torch.__version__}"
 
 
-def models(args, tmp: Path) -> dict[str, Path]:
+def models(args, tmp: Path, only: tuple[str, ...] = SHAPES) -> dict[str, Path]:
     from hospital_fedlora_tools.real_shapes import build_real_shape
 
     out = {}
-    for shape in SHAPES:
+    for shape in only:
         folder = tmp / shape if args.quick else REPO / "workspace" / f"base_model_{shape}"
         out[shape] = build_real_shape(folder, shape, args.tokenizer_from, log=None, **(QUICK if args.quick else {}))
     return out
@@ -287,6 +289,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=32, help="max_seq_length: short sequences")
+    ap.add_argument("--throughput-only", action="store_true",
+                    help="re-measure only the 1B executor vs plain loop, into the report in --out")
     ap.add_argument("--load-only", action="store_true", help="re-measure only the bf16 loads, into the report in --out")
     ap.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     ap.add_argument("--model", type=Path, help=argparse.SUPPRESS)
@@ -295,6 +299,14 @@ def main(argv=None) -> int:
         print(json.dumps(CHILDREN[args.child](args)))
         return 0
 
+    if args.throughput_only:
+        report = json.loads((args.out / "real_shapes.json").read_text())
+        with tempfile.TemporaryDirectory(prefix="real_shapes_models_") as tmp:
+            folder = models(args, Path(tmp), only=SHAPES[:1])[SHAPES[0]]
+            report["shapes"][SHAPES[0]]["throughput"] = run_child("throughput", args, folder)
+        (args.out / "real_shapes.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_markdown(args.out / "real_shapes.md", report)
+        return 0
     if args.load_only:
         report = json.loads((args.out / "real_shapes.json").read_text())
         with tempfile.TemporaryDirectory(prefix="real_shapes_models_") as tmp:
