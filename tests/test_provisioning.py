@@ -433,6 +433,8 @@ def test_client_kit_from_another_provisioning_cannot_join(server_with_one_hospit
     assert [c["client_name"] for c in status["client_status"]] == ["hospital-b"]
     server_log = (fed.kits.server / "log.txt").read_text()
     assert "SSL hospital-b]" in server_log and "SSL hospital-a]" not in server_log
+    # Never connected, `shutdown all` cannot reach it: the fixture's stop would wait out its whole timeout.
+    assert fed.kill_kit(intruder)
 
 
 @pytest.mark.e2e

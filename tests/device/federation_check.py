@@ -18,7 +18,6 @@ from typing import Callable
 
 import yaml
 
-from deployment_helpers import free_port, project_with_port
 from hospital_fedlora.deploy.kits import make_kits
 from hospital_fedlora.protocol import Meta, Metric
 from hospital_fedlora.server.job_report import REPORT_META_KEY
@@ -27,6 +26,8 @@ from hospital_fedlora_tools.demo import derive_job
 from hospital_fedlora_tools.job_progress import Progress
 from hospital_fedlora_tools.local_federation import LocalFederation
 from hospital_fedlora_tools.process_table import FederationError
+
+from deployment_helpers import free_port, project_with_port
 
 REPO = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024

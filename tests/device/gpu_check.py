@@ -154,14 +154,14 @@ def training(plan: Plan) -> dict:
     return out
 
 
-def federation(plan: Plan, work: Path) -> dict:
+def federation(plan: Plan, work: Path, jobs: list[str]) -> dict:
     from device_sites import Hardware, write_site_configs
     from federation_check import run_rounds
 
     hw = Hardware(REPO / plan.model, plan.device, plan.dtype, plan.micro_batch_size)
     configs = write_site_configs(work / "site_configs", hw)
     out = {"site_settings": {k: str(v) for k, v in hw.changes().items()}}
-    out.update(run_rounds(work, configs, JOBS, plan.local_steps, plan.job_timeout_s, not plan.smoke, log))
+    out.update(run_rounds(work, configs, jobs, plan.local_steps, plan.job_timeout_s, not plan.smoke, log))
     return out
 
 
@@ -181,7 +181,7 @@ def environment(smoke: bool, reason: str | None) -> dict:
     return out
 
 
-def run(plan: Plan, out: Path, work: Path, reason: str | None) -> int:
+def run(plan: Plan, out: Path, work: Path, reason: str | None, jobs: list[str] = JOBS) -> int:
     for leftover in ("site_configs", "kits", "jobs", "results"):  # an earlier run's, in the check's own folder
         shutil.rmtree(work / leftover, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -192,7 +192,7 @@ def run(plan: Plan, out: Path, work: Path, reason: str | None) -> int:
         ("base_model", lambda: base_model(plan)),
         ("gpu_path_tests", lambda: gpu_path_tests(plan, work)),
         ("training", lambda: training(plan)),
-        ("federation", lambda: federation(plan, work)),
+        ("federation", lambda: federation(plan, work, jobs)),
     ]
     failed = []
     for name, part in parts:
@@ -230,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU, 4-bit skipped (also without CUDA)")
     parser.add_argument("--out", type=Path, help=f"the JSON report (default {GPU_JSON.relative_to(REPO)} on a GPU)")
     parser.add_argument("--work", type=Path, help="kits, job copies, results (default workspace/gpu_check[_smoke])")
+    parser.add_argument("--jobs", default=",".join(JOBS), help=f"the jobs given one round (default {','.join(JOBS)})")
     args = parser.parse_args(argv)
     # The package from this checkout (here and in the kits' processes), the test helpers, the plain loop.
     for extra in (HERE, REPO / "tests" / "benchmarks", REPO / "tests", REPO / "custom"):
@@ -258,7 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: a smoke run ({reason}) does not write {GPU_JSON.relative_to(REPO)}, which holds the "
               "device's figures; pass another --out", file=sys.stderr)  # fmt: skip
         return 2
-    return run(plan, out, work, reason)
+    jobs = [j for j in args.jobs.split(",") if j]
+    unknown = [j for j in jobs if j not in JOBS]
+    if unknown:
+        print(f"error: --jobs names {unknown}; the check runs {JOBS}", file=sys.stderr)
+        return 2
+    return run(plan, out, work, reason, jobs)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import time
 from typing import Callable
 
 import torch
-
 from bench_training_throughput import plain_loop
+
 from hospital_fedlora.config import SiteConfig, TrainingRecipe
 from hospital_fedlora.site.dataset import load_records
 from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
