@@ -106,3 +106,29 @@ def test_a_failing_site_is_left_out_and_named(tmp_path, monkeypatch, base_model_
     assert expected in log and "hospital-c" in log
     rows = [json.loads(line) for line in (run / ROUND_METRICS_FILE).read_text().splitlines() if line.strip()]
     assert rows and all(set(r[Meta.SITE_METRICS]) == {"hospital-a", "hospital-b"} for r in rows)
+
+
+@pytest.mark.e2e
+def test_every_sites_metrics_are_streamed_to_tensorboard_and_csv(sim_run):
+    import csv
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hospital_fedlora.protocol import Metric
+    from hospital_fedlora.server.metrics_csv import METRICS_CSV
+
+    rows = list(csv.DictReader((sim_run / METRICS_CSV).open()))
+    by_key = {(r["site"], int(r["round"]), r["metric"]): float(r["value"]) for r in rows}
+    logged = [json.loads(line) for line in (sim_run / "round_metrics.jsonl").read_text().splitlines()]
+    for record in logged:
+        for site in SITES:
+            for metric in (Metric.TRAIN_LOSS, Metric.VAL_LOSS_GLOBAL, Metric.VAL_LOSS_LOCAL):
+                # the same number the train result carried, streamed separately
+                assert by_key[(site, record[Meta.ROUND], metric)] == pytest.approx(record[Meta.SITE_METRICS][site][metric])
+    final = final_comparison(sim_run)
+    for site in SITES:
+        assert by_key[(site, 2, Metric.VAL_LOSS)] == pytest.approx(final[site][Metric.VAL_LOSS])
+        events = EventAccumulator(str(sim_run / "tb_events" / site))
+        events.Reload()
+        steps = [e.step for e in events.Scalars(Metric.VAL_LOSS_GLOBAL)]
+        assert steps == [0, 1], site

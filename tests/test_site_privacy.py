@@ -105,3 +105,16 @@ def test_a_job_supplied_key_is_refused_naming_the_setting(tmp_path):
     msg = str(e.value)
     assert "site_configs/hospital-a.yaml: field 'privacy.require_encryption' is true" in msg
     assert "args 'context_file': {WORKSPACE}" in msg and "key in its own kit" in msg
+
+
+@pytest.mark.parametrize(
+    "value, data_type",
+    [("patient text", "SCALAR"), (float("nan"), "SCALAR"), (True, "SCALAR"), (1.0, "TEXT"), ({"a": 1.0}, "PARAMETERS")],
+)
+def test_the_metrics_sender_carries_finite_numbers_only(value, data_type):
+    from nvflare.apis.analytix import AnalyticsDataType
+
+    from hospital_fedlora.site.metrics_sender import ScalarMetricsSender
+
+    with pytest.raises(ValueError, match="metric 'x'"):
+        ScalarMetricsSender().add("x", value, AnalyticsDataType(data_type), global_step=0)

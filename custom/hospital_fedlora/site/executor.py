@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import traceback
 from pathlib import Path
 
+from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -73,6 +75,8 @@ class LoraExecutor(Executor):
         recipe: the job's ``config.TrainingRecipe`` fields that differ from its defaults (the shipped recipe).
         train_task_name, validate_task_name, submit_model_task_name, get_weights_task_name: FLARE task names.
         log_every_n_steps: how often training progress is logged.
+        analytics_sender_id: the job's FLARE ``AnalyticsSender`` component; every round's metrics are streamed
+            through it to the server's receivers (TensorBoard, ``server/metrics_csv.py``). Scalars only.
     """
 
     def __init__(
@@ -83,6 +87,7 @@ class LoraExecutor(Executor):
         submit_model_task_name: str = AppConstants.TASK_SUBMIT_MODEL,
         get_weights_task_name: str = AppConstants.TASK_GET_WEIGHTS,
         log_every_n_steps: int = 5,
+        analytics_sender_id: str = "analytic_sender",
     ):
         super().__init__()
         # The recipe is checked as the job is deployed, before any site loads a model.
@@ -95,6 +100,8 @@ class LoraExecutor(Executor):
             get_weights_task_name: self._get_weights,
         }
         self.log_every_n_steps = log_every_n_steps
+        self.analytics_sender_id = analytics_sender_id
+        self._last_round = -1  # the last round trained here; final metrics are streamed as the round after it
         self.site: SiteConfig | None = None
         self.trainer: LocalTrainer | None = None
         self.adapter_config: dict | None = None
@@ -191,6 +198,15 @@ class LoraExecutor(Executor):
             self.log_error(fl_ctx, f"task {task_name} failed: {err}\n{traceback.format_exc()}")
             return self._error_reply(ReturnCode.EXECUTION_EXCEPTION, f"{task_name} failed: {type(err).__name__}: {err}")
 
+    def _stream(self, fl_ctx: FLContext, metrics: dict, step: int) -> None:
+        """Every finite scalar of ``metrics`` to the server through FLARE's metric streaming, at ``step``."""
+        sender = fl_ctx.get_engine().get_component(self.analytics_sender_id) if self.analytics_sender_id else None
+        if sender is None or not isinstance(step, int):
+            return
+        for tag, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                sender.add(tag, float(value), AnalyticsDataType.SCALAR, global_step=step)
+
     def _error_reply(self, rc: str, message: str) -> Shareable:
         reply = make_reply(rc)
         reply.set_header(ERROR_HEADER, message)
@@ -267,6 +283,8 @@ class LoraExecutor(Executor):
             f"{self.site.site} {this_round} done: train loss {result.mean_loss:.4f}, validation loss "
             f"{val_global:.4f} -> {val_local:.4f}",
         )
+        self._stream(fl_ctx, metrics, rnd)
+        self._last_round = rnd if isinstance(rnd, int) else self._last_round
         diff = subtract(get_adapter_state(t.model), global_state)
         # The rest of a round's wall time is FLARE's (messaging, filters, aggregation, persistence).
         metrics[Metric.TASK_SECONDS] = time.perf_counter() - started
@@ -285,6 +303,7 @@ class LoraExecutor(Executor):
             Metric.BASE_VAL_LOSS: self.trainer.evaluate_base(n),
             Metric.VAL_EXAMPLES: min(n, len(self.trainer.val_examples)),
         }
+        self._stream(fl_ctx, metrics, self._last_round + 1)
         out = save_peft_adapter(self.run_dir / GLOBAL_ADAPTER_DIR, state, self.adapter_config)
         self.log_info(
             fl_ctx,
