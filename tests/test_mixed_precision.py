@@ -19,14 +19,9 @@ from hospital_fedlora.site.trainer import LocalTrainer, get_adapter_state, set_a
 
 FLOAT32 = Placement(torch.device("cpu"), torch.float32, False)
 BFLOAT16 = Placement(torch.device("cpu"), torch.bfloat16, False)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
