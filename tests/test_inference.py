@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from hospital_fedlora.adapter_files import ADAPTER_WEIGHTS_FILE, save_peft_adapter
 from hospital_fedlora.config import DataFiles, LoraSettings
-from hospital_fedlora.inference import generate, merge
+from hospital_fedlora.inference import generate
+from hospital_fedlora.inference.merge import main as merge_main
 from hospital_fedlora.site.dataset import load_records
 from hospital_fedlora.site.generation import generate_answers
 from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
@@ -84,7 +85,7 @@ def test_generate_answers_one_prompt_on_stdout(adapter, base_model_dir, capsys):
 def test_the_merged_checkpoint_alone_gives_the_logits_of_base_plus_adapter(adapter, base_model_dir, tmp_path, capsys):
     folder, model, tokenizer, test = adapter
     out = tmp_path / "merged"
-    assert merge.main(["--base-model", str(base_model_dir), "--adapter", str(folder), "--out", str(out)]) == 0
+    assert merge_main(["--base-model", str(base_model_dir), "--adapter", str(folder), "--out", str(out)]) == 0
     merged = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     assert not any("lora" in name for name, _ in merged.named_parameters())
     ids = tokenizer([PromptBuilder(tokenizer).prompt_text(r) for r in test[:2]], return_tensors="pt", padding=True)
@@ -100,17 +101,17 @@ def test_the_merged_checkpoint_alone_gives_the_logits_of_base_plus_adapter(adapt
     # An existing folder is kept unless --force; with it, replaced whole.
     (out / "marker").write_text("x")
     capsys.readouterr()
-    assert merge.main(["--base-model", str(base_model_dir), "--adapter", str(folder), "--out", str(out)]) == 2
+    assert merge_main(["--base-model", str(base_model_dir), "--adapter", str(folder), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and (out / "marker").exists()
-    assert merge.main(["--base-model", str(base_model_dir), "--adapter", str(folder), "--out", str(out), "--force"]) == 0
+    assert merge_main(["--base-model", str(base_model_dir), "--adapter", str(folder), "--out", str(out), "--force"]) == 0
     assert not (out / "marker").exists() and (out / "config.json").is_file()
-    assert merge.main(["--base-model", str(base_model_dir), "--adapter", str(folder), "--out", str(folder), "--force"]) == 2
+    assert merge_main(["--base-model", str(base_model_dir), "--adapter", str(folder), "--out", str(folder), "--force"]) == 2
     assert "adapter folder itself" in capsys.readouterr().err
 
 
 def _refusal(capsys, base_model_dir, folder, tmp_path) -> str:
     capsys.readouterr()
-    assert merge.main(["--base-model", str(base_model_dir), "--adapter", str(folder), "--out", str(tmp_path / "m")]) == 2
+    assert merge_main(["--base-model", str(base_model_dir), "--adapter", str(folder), "--out", str(tmp_path / "m")]) == 2
     assert not (tmp_path / "m").exists()
     return capsys.readouterr().err
 
