@@ -1,6 +1,7 @@
 """Greedy generation and the test-split scores on the project's tiny base model: left padding changes no
 answer, the loss is the trainer's, and every count and fraction follows from the answers themselves."""
 
+import copy
 import math
 
 import pytest
@@ -8,7 +9,13 @@ import torch
 
 from hospital_fedlora.config import DataFiles, LoraSettings, TaskSettings
 from hospital_fedlora.site.dataset import load_records
-from hospital_fedlora.site.generation import generate_answers, reference_answer, score_test_split, stop_token_ids
+from hospital_fedlora.site.generation import (
+    generate_answers,
+    prompt_ids,
+    reference_answer,
+    score_test_split,
+    stop_token_ids,
+)
 from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
 from hospital_fedlora.site.prompting import PromptBuilder
 from hospital_fedlora.site.test_metrics import diagnosis_group_match, is_diagnosis_group_record, rouge_l_f1
@@ -100,3 +107,34 @@ def test_a_split_without_diagnosis_records_has_no_exact_match_and_the_base_model
         assert scores["test_exact_match"] is None and scores["test_exact_match_examples"] == 0
         assert scores["test_rouge_l_examples"] == 3 and 0.0 <= scores["test_rouge_l"] <= 1.0
     assert base["test_loss"] > adapted["test_loss"]  # six steps on this hospital's notes already help
+
+
+# Llama-3's layout (as in test_prompting.py); the tiny tokenizer has no such special tokens, so plain text here.
+LLAMA3_LIKE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+@pytest.mark.parametrize("template", [None, LLAMA3_LIKE], ids=["plain", "chat_template"])
+def test_the_generation_prompt_is_exactly_what_training_put_before_the_answer(trained, template):
+    _, tokenizer, test = trained
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    prompts = PromptBuilder(tok)
+    assert prompts.format == ("plain" if template is None else "chat_template")
+    chat = {"messages": [{"role": "user", "content": "Code: wheeze."}, {"role": "assistant", "content": "Respiratory"}]}
+    for record in [*test[:4], chat]:
+        example, _ = prompts.tokenize(record, 1 << 20)
+        answer_start = next(i for i, label in enumerate(example["labels"]) if label != -100)
+        ids = prompt_ids(tok, prompts, record)
+        assert ids == example["input_ids"][:answer_start]
+        assert ids.count(tok.bos_token_id) == 1  # one begin-of-text, never two
+
+
+def test_generation_stops_at_a_chat_templates_end_of_turn_token(trained):
+    _, tokenizer, _ = trained
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    assert stop_token_ids(tok) == sorted([tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")])

@@ -47,6 +47,15 @@ def reference_answer(record: dict) -> str:
     return record.get("response", "")
 
 
+def prompt_ids(tokenizer, prompts: PromptBuilder, record: dict) -> list[int]:
+    """The token ids a model continues to answer ``record``: those training put before the answer.
+
+    The plain format's prompt text has no ``<s>`` (the tokenizer adds it, as in training); a rendered chat
+    template carries its own begin-of-text, so adding one would double it.
+    """
+    return tokenizer(prompts.prompt_text(record), add_special_tokens=prompts.format == "plain")["input_ids"]
+
+
 @torch.no_grad()
 def generate_answers(
     model, tokenizer, prompts: PromptBuilder, records: Sequence[dict], max_new_tokens: int = 32, batch_size: int = 8
@@ -65,13 +74,9 @@ def generate_answers(
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=stops, pad_token_id=pad_id
     )
-    # The plain format's prompt has no <s> (the tokenizer adds it, as in training); a rendered chat template
-    # carries its own begin-of-text, so adding one would double it.
-    add_special = prompts.format == "plain"
-    texts = [prompts.prompt_text(r) for r in records]
     answers: list[str] = []
-    for start in range(0, len(texts), batch_size):
-        encoded = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts[start : start + batch_size]]
+    for start in range(0, len(records), batch_size):
+        encoded = [prompt_ids(tokenizer, prompts, r) for r in records[start : start + batch_size]]
         width = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
         attention = torch.zeros((len(encoded), width), dtype=torch.long)
