@@ -84,6 +84,14 @@ ELSEWHERE = {
     ),
     ("docs/operator.md", "python -m hospital_fedlora.deploy.resume_job"): _RESUME,
     ("docs/server.md", "python -m hospital_fedlora.deploy.resume_job"): _RESUME,
+    ("docs/operator.md", "python -m hospital_fedlora.inference.generate"): (
+        "tests/test_inference.py",
+        ['"-m", "hospital_fedlora.inference.generate", "--base-model"', '"--adapter"', '"--prompts"', '"--out"'],
+    ),
+    ("docs/operator.md", "python -m hospital_fedlora.inference.merge"): (
+        "tests/test_inference.py",
+        ["from hospital_fedlora.inference.merge import main as merge_main", '"--base-model"', '"--out"'],
+    ),
 }
 # Lines of walkthrough blocks that are not run here, and why.
 SKIPPED_LINES = {
