@@ -128,6 +128,12 @@ def test_every_sites_metrics_are_streamed_to_tensorboard_and_csv(sim_run):
     final = final_comparison(sim_run)
     for site in SITES:
         assert by_key[(site, 2, Metric.VAL_LOSS)] == pytest.approx(final[site][Metric.VAL_LOSS])
+        # the test split: every round with the adapter received, and at the end beside the base model
+        for step in (0, 1, 2):
+            assert 0 < by_key[(site, step, "test_loss")] < 20 and 0 <= by_key[(site, step, "test_token_accuracy")] <= 1
+            assert by_key[(site, step, "test_examples")] == 16
+        assert 0 <= by_key[(site, 2, "test_rouge_l")] <= 1 and 0 <= by_key[(site, 2, "base_test_rouge_l")] <= 1
+        assert by_key[(site, 2, "test_loss")] < by_key[(site, 2, "base_test_loss")]
         events = EventAccumulator(str(sim_run / "tb_events" / site))
         events.Reload()
         steps = [e.step for e in events.Scalars(Metric.VAL_LOSS_GLOBAL)]

@@ -127,6 +127,10 @@ class TrainingRecipe(StrictModel):
     weight_decay: float = Field(0.0, ge=0.0)
     max_seq_length: int = Field(256, ge=16)
     max_eval_examples: int = Field(48, ge=1, description="validation examples scored per round")
+    max_test_examples: int = Field(
+        16, ge=0, description="test-split records each site scores the global adapter on every round (0: none)"
+    )
+    max_new_tokens: int = Field(32, ge=1, description="the longest answer generated for the test metrics")
     seed: int = 0
 
 

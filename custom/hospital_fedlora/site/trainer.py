@@ -132,8 +132,10 @@ class LocalTrainer:
         """``prompts``: the job's prompt format for this tokenizer (default: the default task's)."""
         self.model = model
         self.device = next(p for p in model.parameters() if p.requires_grad).device
+        self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
         prompts = prompts or PromptBuilder(tokenizer)
+        self.prompts = prompts  # the job's prompt format, also for generating answers to score
         self.prompt_format = prompts.format
         train = prompts.tokenize_all(train_records, max_seq_length, "train data (data.train)")
         val = prompts.tokenize_all(val_records, max_seq_length, "validation data (data.validation)")
