@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import traceback
 from pathlib import Path
 
-from nvflare.apis.analytix import AnalyticsDataType
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
@@ -25,8 +23,8 @@ from ..memory import release_memory
 from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, REFUSED_HEADER, ROUND_TEXT, Meta, Metric
 from .data_parallel import DataParallelGroup, RoundStopped, training_processes
 from .dataset import load_records
-from .generation import score_test_split
 from .privacy_gate import check_job_allowed, check_result
+from .site_metrics import base_split_scores, split_scores, stream_metrics
 from .trainer import (
     LocalTrainer,
     StepReport,
@@ -38,7 +36,6 @@ from .trainer import (
 from .trainer_setup import build_trainer, site_placement
 
 SITE_CONFIG_FILE = "site_config.yaml"
-COUNTS = ("_examples", "_tokens", "_truncated")  # test-metric keys that count records, not score them
 SITE_CONFIGS_ENV = "HOSPITAL_FEDLORA_SITE_CONFIGS"
 
 
@@ -203,27 +200,9 @@ class LoraExecutor(Executor):
             self.log_error(fl_ctx, f"task {task_name} failed: {err}\n{traceback.format_exc()}")
             return self._error_reply(ReturnCode.EXECUTION_EXCEPTION, f"{task_name} failed: {type(err).__name__}: {err}")
 
-    def _test_metrics(self) -> dict:
-        """The current adapter on the first ``max_test_examples`` test records: loss, perplexity, token accuracy,
-        diagnosis-group exact match and ROUGE-L of greedy answers (``generation.score_test_split``). Numbers
-        only: the answers themselves stay here."""
-        r, t = self.recipe, self.trainer
-        if not self.test_records or r.max_test_examples == 0:
-            return {}
-        scores = score_test_split(
-            t.model, t.tokenizer, t.prompts, self.test_records, max_examples=r.max_test_examples,
-            max_new_tokens=r.max_new_tokens, max_seq_length=r.max_seq_length, batch_size=t.micro_batch_size,
-        )  # fmt: skip
-        return {k: v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
     def _stream(self, fl_ctx: FLContext, metrics: dict, step: int) -> None:
-        """Every finite scalar of ``metrics`` to the server through FLARE's metric streaming, at ``step``."""
         sender = fl_ctx.get_engine().get_component(self.analytics_sender_id) if self.analytics_sender_id else None
-        if sender is None or not isinstance(step, int):
-            return
-        for tag, value in metrics.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                sender.add(tag, float(value), AnalyticsDataType.SCALAR, global_step=step)
+        stream_metrics(sender, metrics, step)
 
     def _error_reply(self, rc: str, message: str) -> Shareable:
         reply = make_reply(rc)
@@ -270,7 +249,7 @@ class LoraExecutor(Executor):
         global_state = self._received_adapter(shareable, fl_ctx)
         r, t = self.recipe, self.trainer
         val_global = t.evaluate(r.max_eval_examples)
-        test_global = self._test_metrics()
+        test_global = split_scores(t, self.test_records, r)
         every = max(1, self.log_every_n_steps)
         this_round = ROUND_TEXT.format(round=rnd, last=total - 1) if isinstance(total, int) else f"round {rnd}"
 
@@ -322,11 +301,9 @@ class LoraExecutor(Executor):
             Metric.VAL_LOSS: self.trainer.evaluate(n),
             Metric.BASE_VAL_LOSS: self.trainer.evaluate_base(n),
             Metric.VAL_EXAMPLES: min(n, len(self.trainer.val_examples)),
-            **self._test_metrics(),
+            **split_scores(self.trainer, self.test_records, self.recipe),
+            **base_split_scores(self.trainer, self.test_records, self.recipe),  # what the adapter adds
         }
-        with self.trainer.model.disable_adapter():  # the base model alone, scored alike: what the adapter adds
-            base = self._test_metrics()
-        metrics.update({f"base_{k}": v for k, v in base.items() if not k.endswith(COUNTS)})
         self._stream(fl_ctx, metrics, self._last_round + 1)
         out = save_peft_adapter(self.run_dir / GLOBAL_ADAPTER_DIR, state, self.adapter_config)
         self.log_info(
