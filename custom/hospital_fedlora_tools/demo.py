@@ -31,6 +31,7 @@ from hospital_fedlora.protocol import Meta, Metric
 from hospital_fedlora.server.round_metrics_log import ROUND_METRICS_FILE
 from hospital_fedlora.site.executor import SITE_CONFIGS_ENV
 
+from .demo_answers import answers_report
 from .job_progress import Progress, print_progress
 from .local_federation import LocalFederation
 from .process_table import FederationError
@@ -131,11 +132,20 @@ def final_comparison(run_dir: Path) -> dict[str, dict]:
 
 
 def comparison_table(final: dict[str, dict]) -> str:
-    lines = [f"{'hospital':<12} {'base model':>10} {'federated':>10} {'change':>8}"]
+    """Validation loss, then the test split's diagnosis-group exact match and ROUGE-L: base model -> federated."""
+    lines = [f"{'hospital':<12} {'base model':>10} {'federated':>10} {'change':>8}   {'exact match':>15}   {'ROUGE-L':>13}"]
     for site, m in sorted(final.items()):
         base, tuned = m[Metric.BASE_VAL_LOSS], m[Metric.VAL_LOSS]
-        lines.append(f"{site:<12} {base:10.4f} {tuned:10.4f} {(tuned - base) / base:8.1%}")
+        em = _pair(m, "test_exact_match", "{:.0%}")
+        rouge = _pair(m, "test_rouge_l", "{:.2f}")
+        lines.append(f"{site:<12} {base:10.4f} {tuned:10.4f} {(tuned - base) / base:8.1%}   {em:>15}   {rouge:>13}")
     return "\n".join(lines)
+
+
+def _pair(m: dict, key: str, fmt: str) -> str:
+    if key not in m or f"base_{key}" not in m:
+        return "-"
+    return f"{fmt.format(m['base_' + key])} -> {fmt.format(m[key])}"
 
 
 def run_real(job_dir: Path, kits_workspace: Path, results: Path, show=print) -> tuple[Path, list[Path]]:
@@ -191,6 +201,9 @@ def main(argv=None) -> int:
     print(round_table(run_dir))
     print("\nFinal global adapter, validation loss measured at each hospital:")
     print(comparison_table(final_comparison(run_dir)))
+    if adapters and (args.workspace / "data").is_dir():
+        print("\nWhat the federated adapter answers (greedy), beside the gold answer and the base model:")
+        print(answers_report(args.workspace / "base_model", adapters[-1], args.workspace / "data", SITES))
     print(f"\nServer's job result: {run_dir}")
     print("Final adapter (PEFT format):" + "".join(f"\n  {a}" for a in adapters))
     return 0
