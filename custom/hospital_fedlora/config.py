@@ -64,6 +64,11 @@ class LoraSettings(StrictModel):
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    variant: Literal["lora", "ffa"] = Field(
+        "lora",
+        description="lora: train and send A and B; ffa (FFA-LoRA): A stays at its seeded init, the same at every "
+        "site, and only B trains and travels: half the bytes, and the average of B is exact for the product B·A",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -125,6 +130,12 @@ class TrainingRecipe(StrictModel):
     batch_size: int = Field(8, ge=1, description="examples per optimizer step (effective batch)")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    fedprox_mu: float = Field(
+        0.0,
+        ge=0.0,
+        description="FedProx: local training adds (mu/2)·||w - w_global||² over the LoRA weights, w_global being the "
+        "adapter received this round; 0 trains plain FedAvg",
+    )
     max_seq_length: int = Field(256, ge=16)
     max_eval_examples: int = Field(48, ge=1, description="validation examples scored per round")
     seed: int = 0

@@ -22,6 +22,7 @@ from ..config import ConfigError, SiteConfig, load_site_config, parse_recipe
 from ..memory import release_memory
 from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, REFUSED_HEADER, ROUND_TEXT, Meta, Metric
 from .data_parallel import DataParallelGroup, RoundStopped, training_processes
+from .lora_variants import sent_tensors
 from .privacy_gate import check_job_allowed, check_result
 from .trainer import (
     LocalTrainer,
@@ -99,8 +100,9 @@ class LoraExecutor(Executor):
         self.trainer: LocalTrainer | None = None
         self.adapter_config: dict | None = None
         self.run_dir: Path | None = None
-        self.initial_state: dict | None = None
-        self.layout: AdapterLayout | None = None  # the adapter every global adapter must match
+        self.initial_state: dict | None = None  # the seeded adapter, every tensor (FFA's frozen A included)
+        self.layout: AdapterLayout | None = None  # the tensors a site sends: every global adapter must match it
+        self.model_layout: AdapterLayout | None = None  # every tensor of the adapter (FFA: A as well as B)
         self.site_source = ""  # the site config's path, named in refusals
         self.client_config: Path | None = None  # the job's client config as FLARE deployed it (the gate reads it)
         self.group: DataParallelGroup | None = None  # the site's other training processes (data_parallel > 1)
@@ -150,7 +152,8 @@ class LoraExecutor(Executor):
         self.trainer, model = trainer, trainer.model
         self.adapter_config = adapter_config_dict(model)
         self.initial_state = get_adapter_state(model)
-        self.layout = AdapterLayout.from_tensors(self.initial_state)
+        self.model_layout = AdapterLayout.from_tensors(self.initial_state)
+        self.layout = AdapterLayout.from_tensors(sent_tensors(self.initial_state, self.recipe.lora.variant))
         for split, n in trainer.truncated.items():
             if n:
                 total = trainer.num_train_examples if split == "train" else len(trainer.val_examples)
@@ -196,31 +199,39 @@ class LoraExecutor(Executor):
         reply.set_header(ERROR_HEADER, message)
         return reply
 
+    def _sent(self, state: dict) -> dict:
+        """The tensors that travel (``self.layout``'s): all of them for plain LoRA, the B tensors alone for FFA-LoRA."""
+        names = self.layout.names
+        return state if len(names) == len(state) else {k: state[k] for k in names}
+
     def _received_adapter(self, shareable: Shareable, fl_ctx: FLContext) -> dict:
         """Set the global adapter: sent whole (plaintext job), or as the change since the shared initial
-        adapter (encrypted job: the server holds no plaintext, the decrypt filter rebuilds the change)."""
+        adapter (encrypted job: the server holds no plaintext, the decrypt filter rebuilds the change).
+        Tensors that do not travel (FFA-LoRA's A) keep the seeded initial value every site holds. Returns
+        the full adapter."""
         refused = shareable.get_header(REFUSED_HEADER)  # the decrypt filter refused the server's aggregate
         if refused:
             raise ValueError(refused)
         dxo = from_shareable(shareable)
         source = "adapter received from the server"
         if dxo.data_kind == DataKind.WEIGHTS:
-            state = dxo.data
+            self.layout.check(dxo.data, source)
+            state = {**self.initial_state, **dxo.data}
         elif dxo.data_kind == DataKind.WEIGHT_DIFF and dxo.get_meta_prop(Meta.RELATIVE_TO) == INITIAL_ADAPTER:
             if dxo.data:
                 self.layout.check(dxo.data, source)
-            state = {k: v + dxo.data[k] if dxo.data else v for k, v in self.initial_state.items()}
+            state = {k: v + dxo.data[k] if k in (dxo.data or {}) else v for k, v in self.initial_state.items()}
         else:
             raise ValueError(
                 f"expected the global adapter as {DataKind.WEIGHTS} or as a {DataKind.WEIGHT_DIFF} relative to the "
                 f"initial adapter, got {dxo.data_kind}"
             )
-        set_adapter_state(self.trainer.model, state, source=source, layout=self.layout)
+        set_adapter_state(self.trainer.model, state, source=source, layout=self.model_layout)
         return get_adapter_state(self.trainer.model)
 
     def _current_adapter(self) -> Shareable:
         meta = {Meta.ADAPTER_CONFIG: self.adapter_config}
-        return DXO(DataKind.WEIGHTS, data=get_adapter_state(self.trainer.model), meta=meta).to_shareable()
+        return DXO(DataKind.WEIGHTS, data=self._sent(get_adapter_state(self.trainer.model)), meta=meta).to_shareable()
 
     def _get_weights(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         # Before any training this is the seeded initial adapter: the same at every site, no patient data in it.
@@ -267,7 +278,7 @@ class LoraExecutor(Executor):
             f"{self.site.site} {this_round} done: train loss {result.mean_loss:.4f}, validation loss "
             f"{val_global:.4f} -> {val_local:.4f}",
         )
-        diff = subtract(get_adapter_state(t.model), global_state)
+        diff = subtract(self._sent(get_adapter_state(t.model)), global_state)
         # The rest of a round's wall time is FLARE's (messaging, filters, aggregation, persistence).
         metrics[Metric.TASK_SECONDS] = time.perf_counter() - started
         meta = {
