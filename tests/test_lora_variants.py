@@ -234,3 +234,32 @@ def test_ffa_adapter_saved_by_validate_holds_a_and_b_and_loads_with_peft(rounds,
     loaded = get_adapter_state(PeftModel.from_pretrained(base, folder))
     for k in expected:
         np.testing.assert_array_equal(loaded[k], expected[k])
+
+
+# ------------------------------------------------------------------------------------ the simulator
+@pytest.mark.e2e
+def test_plaintext_job_with_ffa_in_the_simulator(tmp_path, base_model_dir):
+    import json
+
+    from safetensors.numpy import load_file
+
+    from hospital_fedlora_tools.demo import derive_job, run_simulator
+
+    job = derive_job(REPO / "jobs" / "fedlora_plain", tmp_path, num_rounds=1, local_steps=2)
+    client = job / "app/config/config_fed_client.json"
+    cfg = json.loads(client.read_text())
+    cfg["executors"][0]["executor"]["args"]["recipe"]["lora"] = {"variant": "ffa"}
+    client.write_text(json.dumps(cfg, indent=2))
+    sites = ("hospital-a", "hospital-b", "hospital-c")
+    run = run_simulator(job, tmp_path / "ws", REPO / "site_configs", show=lambda s: None, plaintext_demo=True)
+
+    server_round = load_file(str(run / "adapter_rounds" / "round_000.safetensors"))
+    assert server_round and all(".lora_B." in k for k in server_round)  # the server never held A
+    assert "holds LoRA B alone (lora.variant ffa)" in (tmp_path / "ws.log").read_text()
+    seeded = get_adapter_state(_model(base_model_dir, "lora")[0])
+    finals = [load_file(str(run.parents[1] / s / "simulate_job" / "global_adapter" / "adapter_model.safetensors")) for s in sites]
+    for final in finals:
+        assert sorted(final) == sorted(seeded)
+        for k in final:
+            expected = seeded[k] if ".lora_A." in k else server_round[k]
+            np.testing.assert_array_equal(final[k], expected, err_msg=k)
