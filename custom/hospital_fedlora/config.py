@@ -211,6 +211,12 @@ class SiteConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_in_4bit: bool = Field(False, description="QLoRA through bitsandbytes; needs CUDA")
     micro_batch_size: int = Field(4, ge=1, description="examples per forward pass; sized to this site's memory")
+    lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="train only the first lora_rank ranks of the job's LoRA (at most the job's lora.r), for a "
+        "site with little data or compute; plaintext jobs only (HetLoRA-style zero-padding)",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="recompute activations in the backward pass: much less GPU memory for about a third more compute; "

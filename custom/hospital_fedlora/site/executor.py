@@ -22,7 +22,7 @@ from ..config import ConfigError, SiteConfig, load_site_config, parse_recipe
 from ..memory import release_memory
 from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, REFUSED_HEADER, ROUND_TEXT, Meta, Metric
 from .data_parallel import DataParallelGroup, RoundStopped, training_processes
-from .lora_variants import sent_tensors
+from .lora_variants import sent_tensors, site_rank, truncate_rank
 from .privacy_gate import check_job_allowed, check_result
 from .trainer import (
     LocalTrainer,
@@ -103,6 +103,7 @@ class LoraExecutor(Executor):
         self.initial_state: dict | None = None  # the seeded adapter, every tensor (FFA's frozen A included)
         self.layout: AdapterLayout | None = None  # the tensors a site sends: every global adapter must match it
         self.model_layout: AdapterLayout | None = None  # every tensor of the adapter (FFA: A as well as B)
+        self.rank: int | None = None  # the site's own lower LoRA rank (site config lora_rank), else None
         self.site_source = ""  # the site config's path, named in refusals
         self.client_config: Path | None = None  # the job's client config as FLARE deployed it (the gate reads it)
         self.group: DataParallelGroup | None = None  # the site's other training processes (data_parallel > 1)
@@ -136,6 +137,7 @@ class LoraExecutor(Executor):
         self.site_source = source = str(config_path)
         self.client_config = Path(workspace.get_client_app_config_file_path(fl_ctx.get_job_id()))
         check_job_allowed(site.privacy, self.client_config, self.train_task, source)
+        self.rank = site_rank(site, self.recipe, self.client_config, self.train_task, source)
         placement = site_placement(site, source)
         processes = training_processes(site.data_parallel, placement, source)
         try:
@@ -226,6 +228,8 @@ class LoraExecutor(Executor):
                 f"expected the global adapter as {DataKind.WEIGHTS} or as a {DataKind.WEIGHT_DIFF} relative to the "
                 f"initial adapter, got {dxo.data_kind}"
             )
+        if self.rank is not None:  # this site trains its first ranks only; the rest stays zero
+            state = truncate_rank(state, self.rank)
         set_adapter_state(self.trainer.model, state, source=source, layout=self.model_layout)
         return get_adapter_state(self.trainer.model)
 
@@ -285,6 +289,7 @@ class LoraExecutor(Executor):
             Meta.EXAMPLE_COUNT: t.num_train_examples,
             Meta.METRICS: metrics,
             Meta.ADAPTER_CONFIG: self.adapter_config,
+            **({Meta.LORA_RANK: self.rank} if self.rank is not None else {}),
         }
         return DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
 
