@@ -15,6 +15,7 @@ import torch
 
 from hospital_fedlora.config import ConfigError, LoraSettings, TrainingRecipe, load_site_config
 from hospital_fedlora.site.data_parallel import DataParallelGroup, training_processes
+from hospital_fedlora.site.lora_variants import truncate_rank
 from hospital_fedlora.site.model_loading import Placement
 from hospital_fedlora.site.trainer import get_adapter_state, set_adapter_state, subtract
 from hospital_fedlora.site.trainer_setup import build_trainer, site_placement
@@ -113,6 +114,30 @@ def test_two_ranks_train_the_same_difference_as_one_process(tmp_path, base_model
     assert two.tokens == one.tokens
     assert two.mean_loss == pytest.approx(one.mean_loss, rel=1e-5)
     assert [r.step for r in reports] == [1, 2, 3]
+
+
+def test_frozen_and_truncated_lora_tensors_reach_the_workers(tmp_path, base_model_dir, data_dir):
+    """FFA-LoRA's frozen A, with rows zeroed by a site's lower rank on rank 0 only: the workers must train
+    with rank 0's A, or their gradients would move B's padded columns."""
+    recipe = RECIPE.model_copy(update={"lora": LoraSettings(dropout=0.0, variant="ffa")})
+    path = site_config(tmp_path, base_model_dir, data_dir)
+    site = load_site_config(path, expected_site="hospital-a")
+    placement = site_placement(site, str(path))
+    group = DataParallelGroup(site, recipe, str(path), 2, placement)
+    try:
+        ranked = build_trainer(site, recipe, str(path), site_placement(site, str(path), rank=0))
+        group.attach(ranked)
+        start = truncate_rank(_moved(get_adapter_state(ranked.model)), 3)
+        set_adapter_state(ranked.model, start)
+        group.train(STEPS, None, round=1)
+        after = get_adapter_state(ranked.model)
+    finally:
+        group.stop()
+    for k, v in after.items():
+        assert not (v[3:] if ".lora_A." in k else v[:, 3:]).any(), k
+        if ".lora_A." in k:
+            np.testing.assert_array_equal(v, start[k])
+    assert any(not np.array_equal(v, start[k]) for k, v in after.items())  # B trained
 
 
 PARENT = """

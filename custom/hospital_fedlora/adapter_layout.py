@@ -19,6 +19,13 @@ import torch
 Array = torch.Tensor | np.ndarray
 
 
+def rank_axis(name: str, ndim: int = 2) -> int | None:
+    """The rank axis of a PEFT LoRA weight (``ndim`` 2): A is (r, in), B is (out, r); None for any other tensor."""
+    if ndim != 2:
+        return None
+    return 0 if ".lora_A." in name else 1 if ".lora_B." in name else None
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

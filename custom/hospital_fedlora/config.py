@@ -64,6 +64,11 @@ class LoraSettings(StrictModel):
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    variant: Literal["lora", "ffa"] = Field(
+        "lora",
+        description="lora: train and send A and B; ffa (FFA-LoRA): A stays at its seeded init, the same at every "
+        "site, and only B trains and travels: half the bytes, and the average of B is exact for the product B·A",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -125,6 +130,12 @@ class TrainingRecipe(StrictModel):
     batch_size: int = Field(8, ge=1, description="examples per optimizer step (effective batch)")
     learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    fedprox_mu: float = Field(
+        0.0,
+        ge=0.0,
+        description="FedProx: local training adds (mu/2)·||w - w_global||² over the LoRA weights, w_global being the "
+        "adapter received this round; 0 trains plain FedAvg",
+    )
     max_seq_length: int = Field(256, ge=16)
     max_eval_examples: int = Field(48, ge=1, description="validation examples scored per round")
     max_test_examples: int = Field(
@@ -204,6 +215,12 @@ class SiteConfig(StrictModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_in_4bit: bool = Field(False, description="QLoRA through bitsandbytes; needs CUDA")
     micro_batch_size: int = Field(4, ge=1, description="examples per forward pass; sized to this site's memory")
+    lora_rank: int | None = Field(
+        None,
+        ge=1,
+        description="train only the first lora_rank ranks of the job's LoRA (at most the job's lora.r), for a "
+        "site with little data or compute; plaintext jobs only (HetLoRA-style zero-padding)",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="recompute activations in the backward pass: much less GPU memory for about a third more compute; "

@@ -25,6 +25,7 @@ class Meta:
     EXAMPLE_COUNT = "NUM_STEPS_CURRENT_ROUND"
     METRICS = "metrics"  # one site's training metrics (``Metric``) for the round
     ADAPTER_CONFIG = "adapter_config"  # PEFT's adapter_config.json content, the same at every site
+    LORA_RANK = "lora_rank"  # a site's own lower LoRA rank (plaintext jobs); absent: the job's rank
 
     # an encrypted contribution, in the clear
     WEIGHT_FACTOR = "weight_factor"  # min(example count, full_weight) / full_weight, applied before rounding

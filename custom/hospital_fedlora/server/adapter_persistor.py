@@ -46,6 +46,7 @@ class AdapterPersistor(ModelPersistor):
         self.resumed_rounds = 0
         self._adapter_config: dict | None = None
         self._latest: ModelLearnable | None = None
+        self._warned_b_only = False
 
     def _run_dir(self, fl_ctx: FLContext) -> Path:
         return Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
@@ -88,6 +89,14 @@ class AdapterPersistor(ModelPersistor):
         save_file(arrays, str(tmp))
         tmp.replace(run / ROUNDS_DIR / f"round_{rnd:03d}.safetensors")
         out = save_peft_adapter(run / GLOBAL_ADAPTER_DIR, arrays, self._adapter_config)
+        if not self._warned_b_only and not any(".lora_A." in k for k in arrays):
+            self._warned_b_only = True
+            # FFA-LoRA: sites send B alone and keep A at its seeded init; PEFT would fill a missing A at random.
+            self.log_warning(
+                fl_ctx,
+                f"the global adapter holds LoRA B alone (lora.variant ffa): {out} does not load by itself; each "
+                f"hospital's {GLOBAL_ADAPTER_DIR}/ (written by the final evaluation) holds A and B",
+            )
         self._latest = make_model_learnable(arrays, {Meta.ADAPTER_CONFIG: self._adapter_config})
         self.log_info(fl_ctx, f"round {rnd}: global adapter saved to {out}")
 

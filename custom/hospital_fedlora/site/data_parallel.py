@@ -79,9 +79,11 @@ def _join(trainer: LocalTrainer, rank: int, world: int, backend: str, store: dis
 
 
 def _broadcast_adapter(trainer: LocalTrainer) -> None:
+    # Frozen LoRA tensors too: FFA-LoRA's A is seeded alike everywhere, but a site's lower rank (lora_rank)
+    # zeroes some of its rows on rank 0 only.
     with torch.no_grad():
-        for p in trainer.model.parameters():
-            if p.requires_grad:
+        for name, p in trainer.model.named_parameters():
+            if p.requires_grad or ".lora_" in name:
                 dist.broadcast(p.data, src=0)
 
 

@@ -23,6 +23,7 @@ from ..memory import release_memory
 from ..protocol import ERROR_HEADER, INITIAL_ADAPTER, REFUSED_HEADER, ROUND_TEXT, Meta, Metric
 from .data_parallel import DataParallelGroup, RoundStopped, training_processes
 from .dataset import load_records
+from .lora_variants import sent_tensors, site_rank, truncate_rank
 from .privacy_gate import check_job_allowed, check_result
 from .site_metrics import base_split_scores, split_scores, stream_metrics
 from .trainer import (
@@ -106,8 +107,10 @@ class LoraExecutor(Executor):
         self.trainer: LocalTrainer | None = None
         self.adapter_config: dict | None = None
         self.run_dir: Path | None = None
-        self.initial_state: dict | None = None
-        self.layout: AdapterLayout | None = None  # the adapter every global adapter must match
+        self.initial_state: dict | None = None  # the seeded adapter, every tensor (FFA's frozen A included)
+        self.layout: AdapterLayout | None = None  # the tensors a site sends: every global adapter must match it
+        self.model_layout: AdapterLayout | None = None  # every tensor of the adapter (FFA: A as well as B)
+        self.rank: int | None = None  # the site's own lower LoRA rank (site config lora_rank), else None
         self.site_source = ""  # the site config's path, named in refusals
         self.client_config: Path | None = None  # the job's client config as FLARE deployed it (the gate reads it)
         self.group: DataParallelGroup | None = None  # the site's other training processes (data_parallel > 1)
@@ -141,6 +144,7 @@ class LoraExecutor(Executor):
         self.site_source = source = str(config_path)
         self.client_config = Path(workspace.get_client_app_config_file_path(fl_ctx.get_job_id()))
         check_job_allowed(site.privacy, self.client_config, self.train_task, source)
+        self.rank = site_rank(site, self.recipe, self.client_config, self.train_task, source)
         placement = site_placement(site, source)
         processes = training_processes(site.data_parallel, placement, source)
         try:
@@ -159,7 +163,8 @@ class LoraExecutor(Executor):
         self.test_records = load_records(site.data, "test", source, self.recipe.task) if site.data.test else []
         self.adapter_config = adapter_config_dict(model)
         self.initial_state = get_adapter_state(model)
-        self.layout = AdapterLayout.from_tensors(self.initial_state)
+        self.model_layout = AdapterLayout.from_tensors(self.initial_state)
+        self.layout = AdapterLayout.from_tensors(sent_tensors(self.initial_state, self.recipe.lora.variant))
         for split, n in trainer.truncated.items():
             if n:
                 total = trainer.num_train_examples if split == "train" else len(trainer.val_examples)
@@ -209,31 +214,41 @@ class LoraExecutor(Executor):
         reply.set_header(ERROR_HEADER, message)
         return reply
 
+    def _sent(self, state: dict) -> dict:
+        """The tensors that travel (``self.layout``'s): all of them for plain LoRA, the B tensors alone for FFA-LoRA."""
+        names = self.layout.names
+        return state if len(names) == len(state) else {k: state[k] for k in names}
+
     def _received_adapter(self, shareable: Shareable, fl_ctx: FLContext) -> dict:
         """Set the global adapter: sent whole (plaintext job), or as the change since the shared initial
-        adapter (encrypted job: the server holds no plaintext, the decrypt filter rebuilds the change)."""
+        adapter (encrypted job: the server holds no plaintext, the decrypt filter rebuilds the change).
+        Tensors that do not travel (FFA-LoRA's A) keep the seeded initial value every site holds. Returns
+        the full adapter."""
         refused = shareable.get_header(REFUSED_HEADER)  # the decrypt filter refused the server's aggregate
         if refused:
             raise ValueError(refused)
         dxo = from_shareable(shareable)
         source = "adapter received from the server"
         if dxo.data_kind == DataKind.WEIGHTS:
-            state = dxo.data
+            self.layout.check(dxo.data, source)
+            state = {**self.initial_state, **dxo.data}
         elif dxo.data_kind == DataKind.WEIGHT_DIFF and dxo.get_meta_prop(Meta.RELATIVE_TO) == INITIAL_ADAPTER:
             if dxo.data:
                 self.layout.check(dxo.data, source)
-            state = {k: v + dxo.data[k] if dxo.data else v for k, v in self.initial_state.items()}
+            state = {k: v + dxo.data[k] if k in (dxo.data or {}) else v for k, v in self.initial_state.items()}
         else:
             raise ValueError(
                 f"expected the global adapter as {DataKind.WEIGHTS} or as a {DataKind.WEIGHT_DIFF} relative to the "
                 f"initial adapter, got {dxo.data_kind}"
             )
-        set_adapter_state(self.trainer.model, state, source=source, layout=self.layout)
+        if self.rank is not None:  # this site trains its first ranks only; the rest stays zero
+            state = truncate_rank(state, self.rank)
+        set_adapter_state(self.trainer.model, state, source=source, layout=self.model_layout)
         return get_adapter_state(self.trainer.model)
 
     def _current_adapter(self) -> Shareable:
         meta = {Meta.ADAPTER_CONFIG: self.adapter_config}
-        return DXO(DataKind.WEIGHTS, data=get_adapter_state(self.trainer.model), meta=meta).to_shareable()
+        return DXO(DataKind.WEIGHTS, data=self._sent(get_adapter_state(self.trainer.model)), meta=meta).to_shareable()
 
     def _get_weights(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         # Before any training this is the seeded initial adapter: the same at every site, no patient data in it.
@@ -284,13 +299,14 @@ class LoraExecutor(Executor):
         )
         self._stream(fl_ctx, metrics, rnd)
         self._last_round = rnd if isinstance(rnd, int) else self._last_round
-        diff = subtract(get_adapter_state(t.model), global_state)
+        diff = subtract(self._sent(get_adapter_state(t.model)), global_state)
         # The rest of a round's wall time is FLARE's (messaging, filters, aggregation, persistence).
         metrics[Metric.TASK_SECONDS] = time.perf_counter() - started
         meta = {
             Meta.EXAMPLE_COUNT: t.num_train_examples,
             Meta.METRICS: metrics,
             Meta.ADAPTER_CONFIG: self.adapter_config,
+            **({Meta.LORA_RANK: self.rank} if self.rank is not None else {}),
         }
         return DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
 

@@ -17,6 +17,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..config import ConfigError, LoraSettings
 from .checkpoint_files import check_tokenizer_fits, check_weight_files
+from .lora_variants import freeze
 
 
 @dataclass(frozen=True)
@@ -141,4 +142,5 @@ def apply_lora(model: PreTrainedModel, settings: LoraSettings, seed: int, source
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    freeze(peft_model, settings.variant)  # FFA-LoRA: A stays at this seeded init at every site
     return peft_model

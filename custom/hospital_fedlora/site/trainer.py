@@ -23,6 +23,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 from ..adapter_files import AdapterState
 from ..adapter_layout import AdapterLayout
+from .lora_variants import add_proximal_gradient
 from .prompting import IGNORE_INDEX, PromptBuilder
 
 
@@ -128,8 +129,10 @@ class LocalTrainer:
         weight_decay: float,
         seed: int,
         prompts: PromptBuilder | None = None,
+        fedprox_mu: float = 0.0,
     ):
-        """``prompts``: the job's prompt format for this tokenizer (default: the default task's)."""
+        """``prompts``: the job's prompt format for this tokenizer (default: the default task's).
+        ``fedprox_mu``: FedProx's proximal weight; each round's anchor is the adapter it starts from."""
         self.model = model
         self.device = next(p for p in model.parameters() if p.requires_grad).device
         self.tokenizer = tokenizer
@@ -147,6 +150,7 @@ class LocalTrainer:
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.seed = seed
+        self.fedprox_mu = fedprox_mu
 
     @property
     def num_train_examples(self) -> int:
@@ -192,6 +196,8 @@ class LocalTrainer:
         optimizer = torch.optim.AdamW(params, lr=self.learning_rate, weight_decay=self.weight_decay)
         # A step that failed midway last round (out of memory, say) may have left gradients on the parameters.
         optimizer.zero_grad(set_to_none=True)
+        # FedProx's anchor: the adapter this round starts from, i.e. the global adapter the site received.
+        anchor = [p.detach().clone() for p in params] if self.fedprox_mu else None
         losses, tokens, start = [], 0, time.perf_counter()
         for step in range(1, steps + 1):
             indices = self._indices(first + (step - 1) * self.batch_size, self.batch_size)
@@ -208,6 +214,8 @@ class LocalTrainer:
             if self.gradient_sync is not None:
                 step_loss, step_tokens = self.gradient_sync(params, step_loss, step_tokens)
             tokens += step_tokens
+            if anchor is not None:
+                add_proximal_gradient(params, anchor, self.fedprox_mu)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(step_loss / max(n_targets, 1))

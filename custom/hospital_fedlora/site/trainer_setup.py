@@ -45,4 +45,5 @@ def build_trainer(site: SiteConfig, recipe: TrainingRecipe, source: str, placeme
         # Sites draw different batches; the LoRA init above uses the shared seed alone.
         seed=recipe.seed + sum(site.site.encode()),
         prompts=PromptBuilder(tokenizer, recipe.task),
+        fedprox_mu=recipe.fedprox_mu,
     )
