@@ -6,6 +6,7 @@ Components are the real ones, driven through their FLARE interfaces (events, ``p
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 from nvflare.apis.event_type import EventType
@@ -36,6 +37,11 @@ class Engine:
     def fire_event(self, event_type: str, fl_ctx: FLContext) -> None:
         self.events.append(event_type)  # FLARE's log_error and system_panic announce themselves this way
 
+    @contextmanager
+    def new_context(self):
+        """A fresh context on this engine (FLARE's metric sender fires its events in one)."""
+        yield fl_ctx("engine", engine=self)
+
 
 def kit_workspace(root, name: str) -> Workspace:
     """A participant's workspace as FLARE lays it out (startup/ and local/)."""
@@ -61,6 +67,8 @@ def fl_ctx(identity: str, rnd: int | None = None, engine: Engine | None = None, 
 
 
 def start_run(components, ctx: FLContext) -> None:
-    """Deliver START_RUN to each component, in the given order, as FLARE does when a job starts."""
-    for c in components:
-        c.handle_event(EventType.START_RUN, ctx)
+    """Deliver ABOUT_TO_START_RUN, then START_RUN, to each component, in the given order, as FLARE does when a
+    job starts."""
+    for event in (EventType.ABOUT_TO_START_RUN, EventType.START_RUN):
+        for c in components:
+            c.handle_event(event, ctx)

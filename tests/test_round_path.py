@@ -49,6 +49,9 @@ DATA_PATH = [
 # they read the aggregate's metadata after each round; the job report also who answered
 OBSERVERS = ["server/round_metrics_log.py", "server/job_report.py"]
 HOUSEKEEPING = ["memory.py"]  # the hospital gives the round's freed memory back
+# The hospital scores the global adapter it received on its test split (greedy answers in the job's prompt
+# format) and streams the numbers to the server.
+EVALUATION = ["site/site_metrics.py", "site/generation.py", "site/test_metrics.py", "site/prompting.py", "site/metrics_sender.py"]
 GATE = ["site/privacy_gate.py"]  # the hospital checks that the job's result filters encrypt the difference
 # The audit trail: each hospital signs a receipt of what it sends; the server chains the round into its log.
 AUDIT = ["audit/receipt_filter.py", "audit/receipts.py", "audit/digest.py", "audit/audit_log.py", "audit/chain.py"]
@@ -112,7 +115,7 @@ def federation(tmp_path_factory, base_model_dir, data_dir):
 
 def test_one_round_enters_exactly_the_modules_of_the_data_path(federation):
     entered = trace_modules(lambda: federation.round(1))
-    assert entered == set(DATA_PATH + OBSERVERS + AUDIT + HOUSEKEEPING + GATE)
+    assert entered == set(DATA_PATH + OBSERVERS + AUDIT + HOUSEKEEPING + GATE + EVALUATION)
     assert len(DATA_PATH) <= 13
 
 
