@@ -29,7 +29,7 @@ from hospital_fedlora.adapter_files import GLOBAL_ADAPTER_DIR
 from hospital_fedlora.deploy.kits import PACKAGE_ALLOW_PREFIX, KitError, latest_prod_dir, write_site_config
 from hospital_fedlora.protocol import Meta, Metric
 from hospital_fedlora.server.round_metrics_log import ROUND_METRICS_FILE
-from hospital_fedlora.site.executor import SITE_CONFIGS_ENV
+from hospital_fedlora.site.site_settings import SITE_CONFIGS_ENV
 
 from .demo_answers import answers_report
 from .job_progress import Progress, print_progress

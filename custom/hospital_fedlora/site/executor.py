@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import traceback
 from pathlib import Path
@@ -26,6 +25,7 @@ from .dataset import load_records
 from .lora_variants import sent_tensors, site_rank, truncate_rank
 from .privacy_gate import check_job_allowed, check_result
 from .site_metrics import base_split_scores, split_scores, stream_metrics
+from .site_settings import find_site_config
 from .trainer import (
     LocalTrainer,
     StepReport,
@@ -34,29 +34,11 @@ from .trainer import (
     set_adapter_state,
     subtract,
 )
-from .trainer_setup import build_trainer, site_placement
-
-SITE_CONFIG_FILE = "site_config.yaml"
-SITE_CONFIGS_ENV = "HOSPITAL_FEDLORA_SITE_CONFIGS"
+from .trainer_setup import build_trainer, site_placement, truncation_notes
 
 
 class _Aborted(Exception):
     pass
-
-
-def find_site_config(site_root: Path, site: str) -> Path:
-    """The kit's own copy wins; the environment variable serves the simulator and POC."""
-    candidates = [site_root / "local" / SITE_CONFIG_FILE]
-    if os.environ.get(SITE_CONFIGS_ENV):
-        candidates.append(Path(os.environ[SITE_CONFIGS_ENV]) / f"{site}.yaml")
-    for c in candidates:
-        if c.is_file():
-            return c
-    tried = ", ".join(str(c) for c in candidates)
-    raise ConfigError(
-        f"no site config for {site!r} (looked in: {tried}); hospital IT places site_configs/{site}.yaml "
-        f"in the kit as local/{SITE_CONFIG_FILE}"
-    )
 
 
 class LoraExecutor(Executor):
@@ -165,15 +147,8 @@ class LoraExecutor(Executor):
         self.initial_state = get_adapter_state(model)
         self.model_layout = AdapterLayout.from_tensors(self.initial_state)
         self.layout = AdapterLayout.from_tensors(sent_tensors(self.initial_state, self.recipe.lora.variant))
-        for split, n in trainer.truncated.items():
-            if n:
-                total = trainer.num_train_examples if split == "train" else len(trainer.val_examples)
-                self.log_warning(
-                    fl_ctx,
-                    f"{n} of {total} {split} records are longer than the job's max_seq_length "
-                    f"({self.recipe.max_seq_length} tokens) and were cut to fit (a note from its middle); the operator "
-                    "can raise max_seq_length in the job's recipe to keep them whole",
-                )
+        for note in truncation_notes(trainer, self.recipe.max_seq_length):
+            self.log_warning(fl_ctx, note)
         n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.log_info(
             fl_ctx,

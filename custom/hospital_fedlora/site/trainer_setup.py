@@ -47,3 +47,17 @@ def build_trainer(site: SiteConfig, recipe: TrainingRecipe, source: str, placeme
         prompts=PromptBuilder(tokenizer, recipe.task),
         fedprox_mu=recipe.fedprox_mu,
     )
+
+
+def truncation_notes(trainer: LocalTrainer, max_seq_length: int) -> list[str]:
+    """One warning per split with records cut to ``max_seq_length``, saying what the operator can change."""
+    notes = []
+    for split, n in trainer.truncated.items():
+        if n:
+            total = trainer.num_train_examples if split == "train" else len(trainer.val_examples)
+            notes.append(
+                f"{n} of {total} {split} records are longer than the job's max_seq_length ({max_seq_length} tokens) "
+                "and were cut to fit (a note from its middle); the operator can raise max_seq_length in the job's "
+                "recipe to keep them whole"
+            )
+    return notes
