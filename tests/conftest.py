@@ -39,3 +39,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def ctx():
+    """A server's FLContext in round 0, as aggregators get it."""
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.app_constant import AppConstants
+
+    c = FLContext()
+    c.set_prop(AppConstants.CURRENT_ROUND, 0)
+    return c

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import ReservedKey, ReturnCode
-from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import make_reply
 from nvflare.app_common.app_constant import AppConstants
 
@@ -12,18 +11,12 @@ from hospital_fedlora.protocol import Meta
 from hospital_fedlora.server.fedavg_aggregator import FedAvgAdapterAggregator
 
 
-def contribution(site, diff, weight, rnd=0, kind=DataKind.WEIGHT_DIFF, metrics=None):
-    s = DXO(kind, data=diff, meta={Meta.EXAMPLE_COUNT: weight, Meta.METRICS: metrics or {}}).to_shareable()
+def contribution(site, diff, weight, rnd=0, kind=DataKind.WEIGHT_DIFF, metrics=None, meta=None):
+    meta = {Meta.EXAMPLE_COUNT: weight, Meta.METRICS: metrics or {}, **(meta or {})}
+    s = DXO(kind, data=diff, meta=meta).to_shareable()
     s.set_peer_props({ReservedKey.IDENTITY_NAME: site})
     s.add_cookie(AppConstants.CONTRIBUTION_ROUND, rnd)
     return s
-
-
-@pytest.fixture
-def ctx():
-    c = FLContext()
-    c.set_prop(AppConstants.CURRENT_ROUND, 0)
-    return c
 
 
 def test_weighted_average_matches_hand_computation(ctx):

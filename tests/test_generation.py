@@ -5,7 +5,6 @@ import copy
 import math
 
 import pytest
-import torch
 
 from hospital_fedlora.config import DataFiles, LoraSettings, TaskSettings
 from hospital_fedlora.site.dataset import load_records
@@ -24,12 +23,7 @@ from hospital_fedlora.site.trainer import LocalTrainer
 SEQ = 256
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,14 +7,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
-from nvflare.apis.dxo import DXO, DataKind, from_shareable
-from nvflare.apis.fl_constant import ReservedKey
-from nvflare.apis.fl_context import FLContext
+from nvflare.apis.dxo import from_shareable
 from nvflare.app_common.abstract.model import make_model_learnable
-from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.decomposers import common_decomposers
+from test_fedavg_aggregator import contribution as fedavg_contribution
 
-from hospital_fedlora.config import ConfigError, parse_recipe, validate, SiteConfig
+from hospital_fedlora.config import ConfigError, SiteConfig, parse_recipe, validate
 from hospital_fedlora.protocol import Meta
 from hospital_fedlora.server.fedavg_aggregator import FedAvgAdapterAggregator
 from hospital_fedlora.site.lora_variants import site_rank, truncate_rank
@@ -27,18 +25,7 @@ A, B = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
 
 
 def contribution(site, diff, weight, rank=None):
-    meta = {Meta.EXAMPLE_COUNT: weight, Meta.METRICS: {}, **({Meta.LORA_RANK: rank} if rank is not None else {})}
-    s = DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
-    s.set_peer_props({ReservedKey.IDENTITY_NAME: site})
-    s.add_cookie(AppConstants.CONTRIBUTION_ROUND, 0)
-    return s
-
-
-@pytest.fixture
-def ctx():
-    c = FLContext()
-    c.set_prop(AppConstants.CURRENT_ROUND, 0)
-    return c
+    return fedavg_contribution(site, diff, weight, meta={Meta.LORA_RANK: rank} if rank is not None else None)
 
 
 def test_truncation_zeroes_a_rows_and_b_columns_from_the_rank_on():

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from transformers import AutoModelForCausalLM
 
 from hospital_fedlora.adapter_files import ADAPTER_WEIGHTS_FILE, save_peft_adapter
@@ -20,15 +21,7 @@ from hospital_fedlora.site.model_loading import apply_lora, choose_placement, lo
 from hospital_fedlora.site.prompting import PromptBuilder
 from hospital_fedlora.site.trainer import LocalTrainer, adapter_config_dict, get_adapter_state
 
-from conftest import REPO_ROOT
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
