@@ -178,7 +178,13 @@ def main(argv=None) -> int:
     p.add_argument("--jobs", type=Path, default=REPO / "jobs")
     p.add_argument("--site-configs", type=Path, default=REPO / "site_configs")
     p.add_argument("--project", type=Path, default=REPO / "provisioning/project.yml")
+    p.add_argument("--report-only", action="store_true",
+                   help="no training: rewrite results.md and the plots from <out>/benchmarks/quality.json")  # fmt: skip
     args = p.parse_args(argv)
+    if args.report_only:
+        quality = json.loads((args.out / "benchmarks" / "quality.json").read_text())
+        write_markdown(quality, write_plots(quality, args.out / "results"), args.out / "results.md")
+        return 0
     # The in-process byte measurement builds kit-less components that warn about missing kit files.
     logging.getLogger().setLevel(logging.ERROR)
     run(args)
