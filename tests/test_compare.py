@@ -89,6 +89,7 @@ def test_quality_json_has_every_setting_and_metric(quick):
     assert q["federated_he_int16_test_loss"]["pooled"] == pytest.approx(fed, rel=1e-3)
     assert q["federated_he_int8_test_loss"]["pooled"] == pytest.approx(fed, rel=1e-2)
     assert all(q["final_adapter_identical_at_every_holder"].values())
+    assert q["every_hospital_in_every_round"] == {s: True for s in SETTINGS[3:]}
     assert q["budget"] == {"name": "quick", "rounds": 1, "local_steps": 2, "eval_examples": 6, "test_examples": 6}
     assert q["recipe"]["seed"] == q["seeds"]["lora_init"]
     assert {t["target"][:20] for t in q["targets"]} and len(q["targets"]) == 4
@@ -110,6 +111,16 @@ def test_bytes_and_validation_curves(quick):
     # every setting starts from the same seeded adapter, measured the same way (site or compare)
     starts = {round(per_site["hospital-a"][0], 4) for per_site in curves.values()}
     assert len(starts) == 1
+
+
+@pytest.mark.e2e
+def test_every_federated_run_streamed_tensorboard_and_csv(quick):
+    q = json.loads((quick / "benchmarks" / "quality.json").read_text())
+    assert set(q["server_run_folders"]) == set(SETTINGS[3:])
+    for setting, folder in q["server_run_folders"].items():
+        for site in SITES:
+            assert list((Path(folder) / "tb_events" / site).glob("events.out.tfevents.*")), (setting, site)
+        assert (Path(folder) / "metrics.csv").read_text().strip(), setting
 
 
 @pytest.mark.e2e

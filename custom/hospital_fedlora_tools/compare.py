@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hospital_fedlora.config import parse_recipe
+from hospital_fedlora.protocol import Meta
 
 from .compare_eval import Bench, site_seed
 from .compare_report import write_markdown, write_plots
@@ -131,13 +132,16 @@ def run(args) -> dict:
         runs = timed("federated_he_both", lambda: run_encrypted(args.jobs, work, args.project, args.site_configs, rounds, steps, job_recipe_overrides, show=show))
         runs = {"federated": plain.result(), **runs}
         measured_bytes = local.result()
-    identical = {}
+    identical, every_round, run_dirs = {}, {}, {}
     for name, fr in runs.items():
         if not fr.adapters:
             raise SystemExit(f"{name}: no final adapter was written")
         files = {(a / "adapter_model.safetensors").read_bytes() for a in fr.adapters}
         identical[name] = len(files) == 1  # every hospital holds the same global adapter (HE)
         results[name] = bench.score_folder(fr.adapters[0], test)
+        # min_clients lets a round close without a hospital; then the settings would not be comparable
+        every_round[name] = all(set(SITES) <= set(r[Meta.SITE_METRICS]) for r in fr.rounds) and len(fr.rounds) == rounds
+        run_dirs[name] = str(fr.run_dir.relative_to(REPO) if fr.run_dir.is_relative_to(REPO) else fr.run_dir)
         curve = validation_curve(fr.rounds)
         final = bench.score_folder(fr.adapters[0], val)["per_hospital"]
         curves[name] = {s: curve.get(s, []) + [final[s]["loss"]] for s in SITES}
@@ -150,6 +154,8 @@ def run(args) -> dict:
         "validation_loss_per_round": curves,
         "bytes_per_round": measured_bytes,
         "final_adapter_identical_at_every_holder": identical,
+        "every_hospital_in_every_round": every_round,
+        "server_run_folders": run_dirs,  # tb_events/<site>/ (TensorBoard) and metrics.csv of each federated run
         "budget": budget,
         "recipe": recipe.model_dump(mode="json"),
         "seeds": {"lora_init": recipe.seed, "local_only_batches": {s: site_seed(recipe, s) for s in SITES},

@@ -36,6 +36,7 @@ HE_BITS = {"federated_he_int16": 16, "federated_he_int8": 8}
 class FederatedRun:
     adapters: list[Path]  # the final global adapter(s): the server's (plaintext) or every hospital's (HE)
     rounds: list[dict]  # round_metrics.jsonl rows
+    run_dir: Path  # the server's run folder: tb_events/<site>/ (TensorBoard) and metrics.csv, streamed each round
 
 
 def _derive(jobs: Path, name: str, dst: Path, rounds: int, steps: int) -> Path:
@@ -69,7 +70,7 @@ def run_plaintext(jobs: Path, work: Path, site_configs: Path, rounds: int, steps
                   show: Callable[[str], None] = print) -> FederatedRun:  # fmt: skip
     job = _edit_client(_derive(jobs, "fedlora_plain", work / "jobs_plain", rounds, steps), recipe)
     run_dir = run_simulator(job, work / "simulator", site_configs, show=show, plaintext_demo=True)
-    return FederatedRun([run_dir / GLOBAL_ADAPTER_DIR], _rows(run_dir / ROUND_METRICS_FILE))
+    return FederatedRun([run_dir / GLOBAL_ADAPTER_DIR], _rows(run_dir / ROUND_METRICS_FILE), run_dir)
 
 
 def run_encrypted(jobs: Path, work: Path, project: Path, site_configs: Path, rounds: int, steps: int,
@@ -88,7 +89,7 @@ def run_encrypted(jobs: Path, work: Path, project: Path, site_configs: Path, rou
             fed.wait(job_id, on_progress=lambda p: None)
             run_dir = fed.download(job_id, work / f"results_{name}") / "workspace"
             adapters = [kit / job_id / GLOBAL_ADAPTER_DIR for kit in fed.clients.values()]
-            out[name] = FederatedRun([a for a in adapters if a.is_dir()], _rows(run_dir / ROUND_METRICS_FILE))
+            out[name] = FederatedRun([a for a in adapters if a.is_dir()], _rows(run_dir / ROUND_METRICS_FILE), run_dir)
     return out
 
 
