@@ -12,7 +12,7 @@ export PYTHONPATH := $(CURDIR)/custom$(if $(PYTHONPATH),:$(PYTHONPATH))
 # Torch threads: 2 cores here; FLARE clients run as separate processes.
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup base-model data demo demo-sim test bench kits clean gpu-check
+.PHONY: setup base-model data demo demo-sim test bench kits clean gpu-check compare
 
 setup: $(VENV)/.installed
 
@@ -62,6 +62,13 @@ kits: setup
 demo-real: base-model data
 	$(PY) -m hospital_fedlora.deploy.kits --project provisioning/project.yml --workspace $(WORK)/kits-plaintext --site-configs site_configs --plaintext-demo
 	$(PY) -m hospital_fedlora_tools.local_federation --kits $(WORK)/kits-plaintext --job jobs/fedlora_plain --results $(WORK)/results
+
+# Baselines in one command (docs/results.md): base model, local-only, centralized, federated plaintext (simulator),
+# federated HE int16 and int8 (kits on 127.0.0.1), scored on every test split; writes docs/benchmarks/quality.json,
+# docs/results.md and docs/results/*.png. BUDGET=quick: 1 round of 2 steps (what tests/test_compare.py runs).
+BUDGET ?= default
+compare: base-model data
+	$(PY) -m hospital_fedlora_tools.compare --budget $(BUDGET) --workspace $(WORK) --out docs
 
 test: base-model data
 	$(PY) -m pytest -q tests

@@ -1,0 +1,133 @@
+"""``make compare``'s one model in this process: scoring every setting's adapter, and the in-process baselines.
+
+``score_split`` is the one evaluation every setting goes through (response-token mean loss, perplexity,
+token accuracy). It is the seam for generation metrics: ``hospital_fedlora/site/generation.py``'s
+``score_test_split`` (diagnosis-group exact match, ROUGE-L) replaces or extends it there, and nothing
+else in ``compare*.py`` needs to change. ``train_baseline`` trains the local-only and centralized
+settings with the executor's own ``LocalTrainer`` (its batches, fresh AdamW per round, its loss).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hospital_fedlora.adapter_files import load_peft_adapter
+from hospital_fedlora.config import SiteConfig, TrainingRecipe, load_site_config
+from hospital_fedlora.site.dataset import load_records
+from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
+from hospital_fedlora.site.prompting import IGNORE_INDEX, PromptBuilder
+from hospital_fedlora.site.trainer import LocalTrainer, collate_batch, get_adapter_state, set_adapter_state
+
+Metrics = dict[str, float]
+
+
+def _summed(model, examples: Sequence[dict], pad_id: int, micro: int) -> tuple[float, int, int]:
+    """Summed next-token loss, response-token count and correct argmax predictions over ``examples``."""
+    device = next(model.parameters()).device
+    loss_sum, tokens, correct = 0.0, 0, 0
+    for i in range(0, len(examples), micro):
+        batch = {k: v.to(device) for k, v in collate_batch(list(examples[i : i + micro]), pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        loss_sum += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                    ignore_index=IGNORE_INDEX, reduction="sum").item()  # fmt: skip
+        tokens += int(mask.sum())
+        correct += int(((logits.argmax(-1) == labels) & mask).sum())
+    return loss_sum, tokens, correct
+
+
+def _metrics(loss_sum: float, tokens: int, correct: int, examples: int) -> Metrics:
+    loss = loss_sum / tokens if tokens else math.nan
+    return {"loss": loss, "perplexity": math.exp(loss) if tokens else math.nan,
+            "token_accuracy": correct / tokens if tokens else math.nan, "tokens": tokens, "examples": examples}  # fmt: skip
+
+
+@torch.no_grad()
+def score_split(model, splits: Mapping[str, Sequence[dict]], pad_id: int, micro: int = 4) -> dict:
+    """THE evaluation of ``make compare``: ``model`` (adapter set) on each hospital's tokenized split and on
+    their union. Returns ``{"per_hospital": {site: metrics}, "pooled": metrics}``; the pooled figures are
+    token-weighted over all hospitals' examples, as if the splits were one file."""
+    model.eval()
+    per, total = {}, [0.0, 0, 0, 0]
+    for site, examples in splits.items():
+        s = _summed(model, examples, pad_id, micro)
+        per[site] = _metrics(*s, len(examples))
+        total = [a + b for a, b in zip(total, [*s, len(examples)])]
+    return {"per_hospital": per, "pooled": _metrics(*total)}
+
+
+@dataclass
+class Bench:
+    """The base model with the job's seeded LoRA, every hospital's records, tokenized as the executor does."""
+
+    model: object
+    pad_id: int
+    prompts: PromptBuilder
+    initial: dict[str, np.ndarray]
+    recipe: TrainingRecipe
+    sites: dict[str, SiteConfig]
+    micro: int
+
+    @classmethod
+    def load(cls, site_configs: Path, sites: Sequence[str], recipe: TrainingRecipe) -> "Bench":
+        configs = {s: load_site_config(Path(site_configs) / f"{s}.yaml", expected_site=s) for s in sites}
+        first = configs[sites[0]]
+        placement = choose_placement(first.device, first.dtype, first.load_in_4bit)
+        model, tokenizer = load_base_model(first.base_model_path, placement)
+        model = apply_lora(model, recipe.lora, recipe.seed)  # the same seeded A matrices as every site's
+        return cls(model, tokenizer.pad_token_id, PromptBuilder(tokenizer, recipe.task),
+                   get_adapter_state(model), recipe, configs, first.micro_batch_size)  # fmt: skip
+
+    def records(self, site: str, split: str) -> list[dict]:
+        return load_records(self.sites[site].data, split, f"site_configs/{site}.yaml", self.recipe.task)
+
+    def tokenized(self, split: str, limit: int | None) -> dict[str, list[dict]]:
+        """Every hospital's ``split``, its first ``limit`` records (all with None), as training sees them."""
+        out = {}
+        for site in self.sites:
+            records = self.records(site, split)[:limit]
+            out[site] = self.prompts.tokenize_all(records, self.recipe.max_seq_length, f"{site} {split}").examples
+        return out
+
+    def score(self, state: Mapping[str, np.ndarray] | None, splits: Mapping[str, Sequence[dict]]) -> dict:
+        """``score_split`` with ``state`` as the adapter; ``None``: the base model alone (adapter off)."""
+        if state is None:
+            with self.model.disable_adapter():
+                return score_split(self.model, splits, self.pad_id, self.micro)
+        set_adapter_state(self.model, state, "adapter under evaluation")
+        return score_split(self.model, splits, self.pad_id, self.micro)
+
+    def score_folder(self, adapter_dir: Path, splits: Mapping[str, Sequence[dict]]) -> dict:
+        state, _ = load_peft_adapter(adapter_dir)
+        return self.score(state, splits)
+
+    def train_baseline(self, train_records: list[dict], seed: int, rounds: int, steps_per_round: int,
+                       val: Mapping[str, Sequence[dict]]) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:  # fmt: skip
+        """Train from the seeded initial adapter on ``train_records`` for ``rounds`` x ``steps_per_round``
+        steps (a fresh AdamW per round, as at a site); return the adapter and the validation loss on each
+        of ``val``'s hospitals after 0..rounds rounds' worth of steps."""
+        set_adapter_state(self.model, self.initial, "initial adapter")
+        trainer = LocalTrainer(
+            self.model, self.prompts.tokenizer, train_records, [], max_seq_length=self.recipe.max_seq_length,
+            batch_size=self.recipe.batch_size, micro_batch_size=self.micro, learning_rate=self.recipe.learning_rate,
+            weight_decay=self.recipe.weight_decay, seed=seed, prompts=self.prompts,
+        )  # fmt: skip
+        curve = {site: [m["loss"]] for site, m in score_split(self.model, val, self.pad_id, self.micro)["per_hospital"].items()}
+        for r in range(rounds):
+            trainer.train(steps_per_round, round=r)
+            for site, m in score_split(self.model, val, self.pad_id, self.micro)["per_hospital"].items():
+                curve[site].append(m["loss"])
+        return get_adapter_state(self.model), curve
+
+
+def site_seed(recipe: TrainingRecipe, site: str) -> int:
+    """The batch seed a site's executor uses (``site/trainer_setup.py``): local-only draws the same batches."""
+    return recipe.seed + sum(site.encode())
