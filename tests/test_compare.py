@@ -11,13 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from hospital_fedlora_tools.compare_eval import score_split
+
+from deployment_helpers import free_port, project_with_port
 
 REPO = Path(__file__).resolve().parents[1]
 SITES = ("hospital-a", "hospital-b", "hospital-c")
 SETTINGS = ("base", "local_only", "centralized", "federated", "federated_he_int16", "federated_he_int8")
-METRICS = ("loss", "perplexity", "token_accuracy")
+METRICS = ("loss", "perplexity", "token_accuracy", "exact_match", "rouge_l")
 
 
 class FixedLogits(torch.nn.Module):
@@ -54,8 +57,11 @@ def test_score_split_known_values():
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory, base_model_dir, data_dir):
     out = tmp_path_factory.mktemp("compare")
+    # A free port, as every kit test has: the committed project's ports may be held by another federation.
+    project = out / "project.yml"
+    project.write_text(yaml.safe_dump(project_with_port(free_port()), sort_keys=False))
     env = dict(os.environ, PYTHONPATH=str(REPO / "custom"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "hospital_fedlora_tools.compare", "--budget", "quick",
+    cmd = [sys.executable, "-m", "hospital_fedlora_tools.compare", "--budget", "quick", "--project", str(project),
            "--out", str(out / "docs"), "--workspace", str(out / "ws")]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -92,6 +98,11 @@ def test_quality_json_has_every_setting_and_metric(quick):
     assert q["every_hospital_in_every_round"] == {s: True for s in SETTINGS[3:]}
     assert q["budget"] == {"name": "quick", "rounds": 1, "local_steps": 2, "eval_examples": 6, "test_examples": 6}
     assert q["recipe"]["seed"] == q["seeds"]["lora_init"]
+    # the answers, scored as the hospitals score theirs; the names for the diagnosis-group exact match
+    assert q["federated_exact_match"] == q["federated_test_exact_match"] and q["base_exact_match"] == q["base_test_exact_match"]
+    for setting in ("base", "centralized", *SETTINGS[3:]):
+        assert 0 <= q[f"{setting}_test_rouge_l"]["pooled"] <= 1
+    assert q["federated_test_exact_match_examples"] >= 0
     assert {t["target"][:20] for t in q["targets"]} and len(q["targets"]) == 4
 
 

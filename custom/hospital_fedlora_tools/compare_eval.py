@@ -1,9 +1,9 @@
 """``make compare``'s one model in this process: scoring every setting's adapter, and the in-process baselines.
 
 ``score_split`` is the one evaluation every setting goes through (response-token mean loss, perplexity,
-token accuracy). It is the seam for generation metrics: ``hospital_fedlora/site/generation.py``'s
-``score_test_split`` (diagnosis-group exact match, ROUGE-L) replaces or extends it there, and nothing
-else in ``compare*.py`` needs to change. ``train_baseline`` trains the local-only and centralized
+token accuracy); on the test split ``answer_scores`` adds what the answers are worth (diagnosis-group exact
+match, ROUGE-L), with the very functions the hospitals score with (``site/generation.py``,
+``site/test_metrics.py``). ``train_baseline`` trains the local-only and centralized
 settings with the executor's own ``LocalTrainer`` (its batches, fresh AdamW per round, its loss).
 """
 
@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from hospital_fedlora.adapter_files import load_peft_adapter
 from hospital_fedlora.config import SiteConfig, TrainingRecipe, load_site_config
 from hospital_fedlora.site.dataset import load_records
+from hospital_fedlora.site.generation import generate_answers, reference_answer
 from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
 from hospital_fedlora.site.prompting import IGNORE_INDEX, PromptBuilder
+from hospital_fedlora.site.test_metrics import diagnosis_group_match, is_diagnosis_group_record, rouge_l_f1
 from hospital_fedlora.site.trainer import LocalTrainer, collate_batch, get_adapter_state, set_adapter_state
 
 Metrics = dict[str, float]
@@ -64,6 +66,27 @@ def score_split(model, splits: Mapping[str, Sequence[dict]], pad_id: int, micro:
     return {"per_hospital": per, "pooled": _metrics(*total)}
 
 
+def answer_scores(model, prompts: PromptBuilder, records: Mapping[str, Sequence[dict]], max_new_tokens: int,
+                  batch_size: int) -> dict:  # fmt: skip
+    """Greedy answers scored as the hospitals score them (``site/generation.py``, ``site/test_metrics.py``):
+    diagnosis-group exact match over the records asking for it, ROUGE-L F1 over the others; per hospital and
+    pooled over all hospitals' records."""
+    per, pooled = {}, {"matches": [], "rouge": []}
+    for site, recs in records.items():
+        answers = generate_answers(model, prompts.tokenizer, prompts, list(recs), max_new_tokens, batch_size)
+        matches = [diagnosis_group_match(a, reference_answer(r)) for r, a in zip(recs, answers) if is_diagnosis_group_record(r)]
+        rouge = [rouge_l_f1(a, reference_answer(r)) for r, a in zip(recs, answers) if not is_diagnosis_group_record(r)]
+        per[site] = _answer_metrics(matches, rouge)
+        pooled["matches"] += matches
+        pooled["rouge"] += rouge
+    return {"per_hospital": per, "pooled": _answer_metrics(pooled["matches"], pooled["rouge"])}
+
+
+def _answer_metrics(matches: list[bool], rouge: list[float]) -> Metrics:
+    return {"exact_match": sum(matches) / len(matches) if matches else math.nan, "exact_match_examples": len(matches),
+            "rouge_l": sum(rouge) / len(rouge) if rouge else math.nan, "rouge_l_examples": len(rouge)}  # fmt: skip
+
+
 @dataclass
 class Bench:
     """The base model with the job's seeded LoRA, every hospital's records, tokenized as the executor does."""
@@ -97,17 +120,29 @@ class Bench:
             out[site] = self.prompts.tokenize_all(records, self.recipe.max_seq_length, f"{site} {split}").examples
         return out
 
-    def score(self, state: Mapping[str, np.ndarray] | None, splits: Mapping[str, Sequence[dict]]) -> dict:
-        """``score_split`` with ``state`` as the adapter; ``None``: the base model alone (adapter off)."""
+    def score(self, state: Mapping[str, np.ndarray] | None, splits: Mapping[str, Sequence[dict]],
+              answers_for: Mapping[str, Sequence[dict]] | None = None) -> dict:  # fmt: skip
+        """``score_split`` with ``state`` as the adapter; ``None``: the base model alone (adapter off). With
+        ``answers_for`` (each hospital's records), also the answer metrics of ``answer_scores``."""
         if state is None:
             with self.model.disable_adapter():
-                return score_split(self.model, splits, self.pad_id, self.micro)
+                return self._scores(splits, answers_for)
         set_adapter_state(self.model, state, "adapter under evaluation")
-        return score_split(self.model, splits, self.pad_id, self.micro)
+        return self._scores(splits, answers_for)
 
-    def score_folder(self, adapter_dir: Path, splits: Mapping[str, Sequence[dict]]) -> dict:
+    def _scores(self, splits, answers_for) -> dict:
+        scores = score_split(self.model, splits, self.pad_id, self.micro)
+        if answers_for is not None:
+            answers = answer_scores(self.model, self.prompts, answers_for, self.recipe.max_new_tokens, self.micro)
+            for site, m in answers["per_hospital"].items():
+                scores["per_hospital"][site].update(m)
+            scores["pooled"].update(answers["pooled"])
+        return scores
+
+    def score_folder(self, adapter_dir: Path, splits: Mapping[str, Sequence[dict]],
+                     answers_for: Mapping[str, Sequence[dict]] | None = None) -> dict:  # fmt: skip
         state, _ = load_peft_adapter(adapter_dir)
-        return self.score(state, splits)
+        return self.score(state, splits, answers_for)
 
     def train_baseline(self, train_records: list[dict], seed: int, rounds: int, steps_per_round: int,
                        val: Mapping[str, Sequence[dict]]) -> tuple[dict[str, np.ndarray], dict[str, list[float]]]:  # fmt: skip
