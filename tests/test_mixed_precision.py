@@ -85,7 +85,7 @@ def test_gradient_checkpointing_changes_nothing_but_memory(base_model_dir, recor
     results = []
     for checkpointing in (False, True):
         model, trainer = _site(base_model_dir, records, FLOAT32, checkpointing)
-        assert model.base_model.model.is_gradient_checkpointing == checkpointing
+        assert model.base_model.model.is_activation_checkpointing == checkpointing
         start = get_adapter_state(model)
         loss = trainer.train(2).mean_loss
         results.append((loss, subtract(get_adapter_state(model), start)))

@@ -110,7 +110,7 @@ def load_base_model(
         model.to(placement.device)
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no input that requires grad, so it works under frozen embeddings.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, tokenizer
 
