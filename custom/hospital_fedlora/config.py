@@ -223,7 +223,7 @@ class SiteConfig(StrictModel):
     )
     gradient_checkpointing: bool = Field(
         False,
-        description="recompute activations in the backward pass: much less GPU memory for about a third more compute; "
+        description="recompute activations in the backward pass: less GPU memory for more compute (forward passes run again); "
         "results are unchanged",
     )
     num_threads: int | None = Field(None, ge=1, description="CPU threads for torch; default leaves torch's")

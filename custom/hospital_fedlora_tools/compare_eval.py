@@ -16,33 +16,22 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from hospital_fedlora.adapter_files import load_peft_adapter
 from hospital_fedlora.config import SiteConfig, TrainingRecipe, load_site_config
 from hospital_fedlora.site.dataset import load_records
-from hospital_fedlora.site.generation import generate_answers, reference_answer
+from hospital_fedlora.site.generation import generate_answers, loss_and_accuracy, reference_answer
 from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
-from hospital_fedlora.site.prompting import IGNORE_INDEX, PromptBuilder
+from hospital_fedlora.site.prompting import PromptBuilder
 from hospital_fedlora.site.test_metrics import diagnosis_group_match, is_diagnosis_group_record, rouge_l_f1
-from hospital_fedlora.site.trainer import LocalTrainer, collate_batch, get_adapter_state, set_adapter_state
+from hospital_fedlora.site.trainer import LocalTrainer, get_adapter_state, set_adapter_state
 
 Metrics = dict[str, float]
 
 
 def _summed(model, examples: Sequence[dict], pad_id: int, micro: int) -> tuple[float, int, int]:
-    """Summed next-token loss, response-token count and correct argmax predictions over ``examples``."""
-    device = next(model.parameters()).device
-    loss_sum, tokens, correct = 0.0, 0, 0
-    for i in range(0, len(examples), micro):
-        batch = {k: v.to(device) for k, v in collate_batch(list(examples[i : i + micro]), pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        loss_sum += F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                    ignore_index=IGNORE_INDEX, reduction="sum").item()  # fmt: skip
-        tokens += int(mask.sum())
-        correct += int(((logits.argmax(-1) == labels) & mask).sum())
+    """Summed next-token loss, response-token count and correct argmax predictions: the hospitals' own sums."""
+    loss_sum, tokens, correct, _ = loss_and_accuracy(model, list(examples), pad_id, micro)
     return loss_sum, tokens, correct
 
 

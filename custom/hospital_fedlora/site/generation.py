@@ -93,7 +93,7 @@ def generate_answers(
 
 
 @torch.no_grad()
-def _loss_and_accuracy(model, examples: list[dict], pad_id: int, batch_size: int) -> tuple[float, int, int, int]:
+def loss_and_accuracy(model, examples: list[dict], pad_id: int, batch_size: int) -> tuple[float, int, int, int]:
     """(summed loss, answer tokens, correctly predicted answer tokens, counted) over the examples."""
     device = next(model.parameters()).device
     total, tokens, correct, counted = 0.0, 0, 0, 0
@@ -134,7 +134,7 @@ def score_test_split(
     model.eval()
     split = prompts.tokenize_all(records, max_seq_length, "test data (data.test)")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    loss_sum, tokens, correct, counted = _loss_and_accuracy(model, split.examples, pad_id, batch_size)
+    loss_sum, tokens, correct, counted = loss_and_accuracy(model, split.examples, pad_id, batch_size)
     loss = loss_sum / tokens if tokens else math.nan
     answers = generate_answers(model, tokenizer, prompts, records, max_new_tokens, batch_size) if records else []
     matches, rouge = [], []
