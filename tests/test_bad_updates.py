@@ -40,11 +40,11 @@ def test_bad_update_is_refused_and_the_round_aggregates_the_honest_sites(scenari
 def test_honest_updates_of_the_shipped_recipe_stay_well_under_the_plaintext_norm_bound(tmp_path):
     fed = Federation(PLAIN, tmp_path)
     bound = fed.aggregator.max_update_norm
-    assert bound == 5.0  # jobs/fedlora_plain; docs/security.md gives the reasoning
+    assert bound == 30.0  # jobs/fedlora_plain; docs/security.md gives the reasoning
     diffs = [honest_diff(s, 0) for s in bad_updates.SITES]
     norms = [np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in d.values())) for d in diffs]
-    # the scenarios' honest changes are as large as the measured ones (0.8-1.2); the bound is 4x that
-    assert all(0.8 < n < 1.2 for n in norms) and max(norms) < bound / 4
+    # the scenarios' honest changes are as large as the measured ones (3.5-8.2); the bound is over 3.5x the largest
+    assert all(3.5 < n < 8.2 for n in norms) and max(norms) < bound / 4
 
 
 def test_honest_encrypted_uploads_are_well_inside_the_size_allowance(tmp_path):

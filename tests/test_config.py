@@ -85,6 +85,10 @@ def test_qlora_on_cpu_is_refused(tmp_path):
 
 def test_recipe_defaults_and_bounds():
     r = parse_recipe({"lora": {"r": 4}, "local_steps": 3})
-    assert r.lora.r == 4 and r.lora.target_modules == ("q_proj", "v_proj") and r.local_steps == 3
+    assert r.lora.r == 4 and r.local_steps == 3
+    assert r.lora.target_modules == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert r.loss_weighting == "example" and r.learning_rate == 2e-3
+    with pytest.raises(ConfigError, match=r"field 'loss_weighting'"):
+        parse_recipe({"loss_weighting": "sequence"})
     with pytest.raises(ConfigError, match=r"field 'lora.target_modules'"):
         parse_recipe({"lora": {"target_modules": []}})

@@ -10,7 +10,7 @@ import torch
 from hospital_fedlora.config import DataFiles, LoraSettings
 from hospital_fedlora.site.dataset import load_records
 from hospital_fedlora.site.model_loading import apply_lora, choose_placement, load_base_model
-from hospital_fedlora.site.trainer import LocalTrainer, get_adapter_state, set_adapter_state
+from hospital_fedlora.site.trainer import LocalTrainer, collate_batch, get_adapter_state, set_adapter_state
 
 CPU = choose_placement("cpu", "auto", False)
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -46,11 +46,11 @@ def model(lora_model):
     set_adapter_state(peft_model, initial)
 
 
-def _trainer(model, train, val, *, micro=8, batch=8, lr=1e-3, seed=0, seq=SEQ):
+def _trainer(model, train, val, *, micro=8, batch=8, lr=1e-3, seed=0, seq=SEQ, weighting="token"):
     peft_model, tokenizer = model
     return LocalTrainer(
         peft_model, tokenizer, train, val, max_seq_length=seq, batch_size=batch, micro_batch_size=micro,
-        learning_rate=lr, weight_decay=0.0, seed=seed,
+        learning_rate=lr, weight_decay=0.0, seed=seed, loss_weighting=weighting,
     )
 
 
@@ -101,13 +101,14 @@ def test_base_score_equals_a_fresh_adapter_and_differs_after_training(model, rec
     assert abs(trainer.evaluate(16) - base) > 1e-3
 
 
-def test_gradient_accumulation_matches_one_big_batch(model, records):
+@pytest.mark.parametrize("weighting", ["token", "example"])
+def test_gradient_accumulation_matches_one_big_batch(model, records, weighting):
     train, _ = records
     initial = get_adapter_state(model[0])
     runs = {}
     for micro in (8, 2, 3):  # 3 leaves an uneven last micro-batch of 2
         set_adapter_state(model[0], initial)
-        trainer = _trainer(model, train[:48], train[:8], micro=micro, batch=8, seed=11)
+        trainer = _trainer(model, train[:48], train[:8], micro=micro, batch=8, seed=11, weighting=weighting)
         _, reports = _run(trainer, 4)
         runs[micro] = ([r.loss for r in reports], get_adapter_state(model[0]))
     big_losses, big_state = runs[8]
@@ -119,6 +120,26 @@ def test_gradient_accumulation_matches_one_big_batch(model, records):
         for k in initial:
             # float32 sums in another order: differences near 1e-6, against updates near 5e-3
             np.testing.assert_allclose(state[k], big_state[k], rtol=0, atol=2e-5, err_msg=k)
+
+
+def test_example_weighting_counts_every_answer_the_same(model, records):
+    """A step's loss is the mean of its examples' own mean losses ("example"), or the mean over all their
+    response tokens ("token"), in which a long summary outweighs a two-word diagnosis group."""
+    train, _ = records
+    losses = {}
+    for weighting in ("token", "example"):
+        trainer = _trainer(model, train[:48], train[:8], micro=3, batch=8, seed=11, weighting=weighting)
+        sums, counts = [], []
+        with torch.no_grad():
+            for i in trainer._indices(0, 8):  # the first step's examples
+                loss_sum, n = trainer._summed_loss(collate_batch([trainer.train_examples[i]], trainer.pad_id))
+                sums.append(loss_sum.item())
+                counts.append(n)
+        _, reports = _run(trainer, 1)
+        losses[weighting] = reports[0].loss
+        expected = sum(sums) / sum(counts) if weighting == "token" else float(np.mean(np.array(sums) / counts))
+        assert reports[0].loss == pytest.approx(expected, rel=1e-5), weighting
+    assert losses["token"] != pytest.approx(losses["example"], rel=1e-3)  # the answers' lengths differ
 
 
 def _losses(trainer, steps, round):

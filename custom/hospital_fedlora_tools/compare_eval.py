@@ -143,6 +143,7 @@ class Bench:
             self.model, self.prompts.tokenizer, train_records, [], max_seq_length=self.recipe.max_seq_length,
             batch_size=self.recipe.batch_size, micro_batch_size=self.micro, learning_rate=self.recipe.learning_rate,
             weight_decay=self.recipe.weight_decay, seed=seed, prompts=self.prompts,
+            loss_weighting=self.recipe.loss_weighting,
         )  # fmt: skip
         curve = {site: [m["loss"]] for site, m in score_split(self.model, val, self.pad_id, self.micro)["per_hospital"].items()}
         for r in range(rounds):

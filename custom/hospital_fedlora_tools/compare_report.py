@@ -93,7 +93,8 @@ def write_markdown(q: dict, plots: dict[str, Path], path: Path) -> None:
         f"Written by `make compare` (`python -m hospital_fedlora_tools.compare --budget {bud['name']}`) on "
         f"{q['generated']}. Budget: {bud['rounds']} rounds x {bud['local_steps']} local steps, batch "
         f"{q['recipe']['batch_size']}, learning rate {q['recipe']['learning_rate']}, LoRA r={q['recipe']['lora']['r']} "
-        f"on {', '.join(q['recipe']['lora']['target_modules'])}, seed {q['recipe']['seed']}; validation on the first "
+        f"on {', '.join(q['recipe']['lora']['target_modules'])}, loss weighted per "
+        f"{q['recipe'].get('loss_weighting', 'token')}, seed {q['recipe']['seed']}; validation on the first "
         f"{bud['eval_examples']} examples per hospital, test on {tested} "
         "test examples per hospital. Numbers in `benchmarks/quality.json`.",
         "",

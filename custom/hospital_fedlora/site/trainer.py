@@ -14,7 +14,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -108,6 +108,15 @@ def _response_tokens(example: dict) -> int:
     return sum(1 for t in example["labels"][1:] if t != IGNORE_INDEX)
 
 
+LossWeighting = Literal["token", "example"]
+
+
+def _loss_weight(example: dict, weighting: LossWeighting) -> int:
+    """What the example counts for in a step's loss divisor: its response tokens, or 1 per answered example."""
+    tokens = _response_tokens(example)
+    return tokens if weighting == "token" else int(tokens > 0)
+
+
 class LocalTrainer:
     # Data-parallel training (site/data_parallel.py) sets these on every rank's trainer: each rank trains on
     # its share of every step's examples and ``gradient_sync`` sums the gradients before the step.
@@ -130,9 +139,12 @@ class LocalTrainer:
         seed: int,
         prompts: PromptBuilder | None = None,
         fedprox_mu: float = 0.0,
+        loss_weighting: LossWeighting = "token",
     ):
         """``prompts``: the job's prompt format for this tokenizer (default: the default task's).
-        ``fedprox_mu``: FedProx's proximal weight; each round's anchor is the adapter it starts from."""
+        ``fedprox_mu``: FedProx's proximal weight; each round's anchor is the adapter it starts from.
+        ``loss_weighting``: ``token`` (every response token counts the same) or ``example`` (every example's
+        mean token loss counts the same, so a two-word answer weighs as much as a long summary)."""
         self.model = model
         self.device = next(p for p in model.parameters() if p.requires_grad).device
         self.tokenizer = tokenizer
@@ -151,6 +163,7 @@ class LocalTrainer:
         self.weight_decay = weight_decay
         self.seed = seed
         self.fedprox_mu = fedprox_mu
+        self.loss_weighting = loss_weighting
 
     @property
     def num_train_examples(self) -> int:
@@ -181,6 +194,18 @@ class LocalTrainer:
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         return loss, int((labels != IGNORE_INDEX).sum())
 
+    def _training_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The micro-batch's share of a step's loss numerator under ``loss_weighting``."""
+        if self.loss_weighting == "token":
+            return self._summed_loss(batch)[0]
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        logits = logits[:, :-1].float()
+        per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                    reduction="none").view(labels.shape)  # fmt: skip
+        counts = (labels != IGNORE_INDEX).sum(dim=1)
+        return (per_token.sum(dim=1) / counts.clamp(min=1)).sum()
+
     def train(self, steps: int, progress: Callable[[StepReport], None] | None = None, round: int = 0) -> TrainResult:
         """``steps`` optimizer steps of round ``round`` (0-based): its batches follow those of rounds before it."""
         devices = [self.device] if self.device.type == "cuda" else []
@@ -201,13 +226,13 @@ class LocalTrainer:
         losses, tokens, start = [], 0, time.perf_counter()
         for step in range(1, steps + 1):
             indices = self._indices(first + (step - 1) * self.batch_size, self.batch_size)
-            # Weight micro-batches by the whole step's response tokens (all ranks' examples) so accumulation,
-            # on one rank or several, equals one big batch exactly.
-            n_targets = sum(_response_tokens(self.train_examples[i]) for i in indices)
+            # Weight micro-batches by the whole step's divisor (response tokens or answered examples, all ranks')
+            # so accumulation, on one rank or several, equals one big batch exactly.
+            n_targets = sum(_loss_weight(self.train_examples[i], self.loss_weighting) for i in indices)
             share = indices[self.rank * len(indices) // self.world_size : (self.rank + 1) * len(indices) // self.world_size]
             step_loss, step_tokens = 0.0, 0
             for m in self._micro_batches(share):
-                loss_sum, _ = self._summed_loss(m)
+                loss_sum = self._training_loss(m)
                 (loss_sum / max(n_targets, 1)).backward()
                 step_loss += loss_sum.item()
                 step_tokens += int(m["attention_mask"].sum())

@@ -46,6 +46,7 @@ def build_trainer(site: SiteConfig, recipe: TrainingRecipe, source: str, placeme
         seed=recipe.seed + sum(site.site.encode()),
         prompts=PromptBuilder(tokenizer, recipe.task),
         fedprox_mu=recipe.fedprox_mu,
+        loss_weighting=recipe.loss_weighting,
     )
 
 
