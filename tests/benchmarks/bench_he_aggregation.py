@@ -60,6 +60,7 @@ from hospital_fedlora.he.aggregate_mac import mac_slots  # noqa: E402
 from hospital_fedlora.he.encoding import contribution_weight, step_size  # noqa: E402
 from hospital_fedlora.he.wire_format import CHUNK_MAGIC, unframe  # noqa: E402
 from hospital_fedlora.protocol import Data, Meta  # noqa: E402
+from hospital_fedlora.transport import dequantize_filter, quantize_filter  # noqa: E402
 
 from job_in_process import REPO, JobInProcess  # noqa: E402
 from mac_overhead import markdown as mac_markdown  # noqa: E402
@@ -186,7 +187,9 @@ def ckks_job(tmp: Path, initial: dict) -> JobInProcess:
 
 
 def plain_job(tmp: Path, initial: dict) -> JobInProcess:
-    return with_initial_adapter(JobInProcess(JOBS / "fedlora_plain", tmp, SITES, {}), initial)
+    # fp32 as the reference: without the job's quantized transport (docs/benchmarks/quantization.md has it)
+    fed = JobInProcess(JOBS / "fedlora_plain", tmp, SITES, {}, leave_out=(quantize_filter.FILTER, dequantize_filter.FILTER))
+    return with_initial_adapter(fed, initial)
 
 
 def with_initial_adapter(fed: JobInProcess, initial: dict) -> JobInProcess:

@@ -28,13 +28,17 @@ FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 MODE_KEY = "quantized"  # the key that marks a quantized entry; its value is the mode
 SOURCE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 # the largest gap between neighbouring codes of bitsandbytes' 4-bit maps, as a fraction of the block's absmax
-_MAX_CODE_GAP = {"nf4": 1.0 - 0.7229568362236023, "fp4": 1.0 - 0.6666666865348816}
+_MAX_CODE_GAP = {"nf4": 1.0 - 0.6961928009986877, "fp4": 1.0 - 0.6666666865348816}  # nf4: -1 to -0.696
 # (codes dtype, codes per value) on the wire
 _CODES = {"fp16": (np.float16, 1), "bf16": (np.int16, 1), "int8": (np.int8, 1), "nf4": (np.uint8, 2), "fp4": (np.uint8, 2)}
 
 
 class QuantizationError(ValueError):
     """A tensor that cannot be quantized, or a payload that does not restore."""
+
+
+class NonFiniteError(QuantizationError):
+    """A tensor holding NaN or infinity: no mode has a code for them."""
 
 
 def is_quantized(value: object) -> bool:
@@ -68,12 +72,12 @@ def quantize_tensor(
     """One numpy array or torch tensor of floats as a quantized entry (see the module docstring)."""
     check_mode(mode, rounding)
     t, dtype, container = _as_float32(x, name)
-    if not bool(torch.isfinite(t).all()):
-        raise QuantizationError(f"tensor {name!r} holds NaN or infinite values; they have no quantized form")
     entry = {MODE_KEY: mode, "dtype": dtype, "container": container, "shape": list(_shape(x))}
     flat = t.reshape(-1)
+    peak = _peak(flat)
+    if not math.isfinite(peak):
+        raise NonFiniteError(f"tensor {name!r} holds NaN or infinite values; they have no quantized form")
     if mode == "fp16":
-        peak = float(flat.abs().max()) if flat.numel() else 0.0
         if peak > FP16_MAX:
             raise QuantizationError(f"tensor {name!r} has |value| {peak:.3g}, beyond fp16's {FP16_MAX:g}; use bf16 or int8")
         entry["codes"] = flat.to(torch.float16).numpy()
@@ -88,24 +92,43 @@ def quantize_tensor(
     return entry
 
 
+def _peak(flat: torch.Tensor) -> float:
+    """The largest magnitude (NaN or infinity if any value is), in one pass without a copy."""
+    if flat.numel() == 0:
+        return 0.0
+    low, high = torch.aminmax(flat)
+    return max(-float(low), float(high)) if not (torch.isnan(low) or torch.isnan(high)) else math.nan
+
+
 def _int8(flat: torch.Tensor, stochastic: bool, generator: torch.Generator | None) -> tuple[np.ndarray, np.ndarray]:
     n = flat.numel()
-    blocks = torch.nn.functional.pad(flat, (0, (-n) % BLOCK)).view(-1, BLOCK)
-    absmax = blocks.abs().amax(dim=1)
-    scale = _int8_scale(absmax)
-    y = blocks / scale[:, None]
+    pad = (-n) % BLOCK
+    blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, BLOCK)
+    low, high = torch.aminmax(blocks, dim=1)  # the absmax without an |x| copy of the tensor
+    absmax = torch.maximum(high, low.neg_())
+    y = blocks * _int8_scale(absmax).reciprocal_()[:, None]  # one pass; in place from here on
     if stochastic:  # floor(y + U), U ~ [0, 1): rounds up with probability frac(y), so E[code] = y
-        codes = torch.floor(y + torch.rand(y.shape, generator=generator, dtype=y.dtype))
+        y.add_(torch.rand(y.shape, generator=generator, dtype=y.dtype)).floor_()
     else:
-        codes = torch.round(y)
-    codes = codes.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8).view(-1)[:n]
-    return codes.numpy(), absmax.numpy()
+        y.round_()
+    codes = y.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8).view(-1)
+    return (codes[:n] if pad else codes).numpy(), absmax.numpy()
 
 
 def _int8_scale(absmax: torch.Tensor) -> torch.Tensor:
     """The value of one code step per block; computed the same way on both sides (an all-zero block: 1)."""
     scale = absmax / INT8_MAX
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _int8_values(codes: np.ndarray, absmax: np.ndarray, n: int) -> torch.Tensor:
+    pad = (-n) % BLOCK
+    values = torch.from_numpy(codes).to(torch.float32)
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    blocks = values.view(-1, BLOCK)
+    blocks.mul_(_int8_scale(torch.from_numpy(absmax))[:, None])
+    return values[:n] if pad else values
 
 
 def _four_bit(flat: torch.Tensor, mode: str) -> tuple[np.ndarray, np.ndarray]:
@@ -151,9 +174,7 @@ def dequantize_tensor(entry: Mapping, name: str = "tensor") -> object:
     elif mode == "bf16":
         flat = torch.from_numpy(codes.copy()).view(torch.bfloat16).float()
     elif mode == "int8":
-        absmax = torch.from_numpy(entry["absmax"])
-        step = _int8_scale(absmax).repeat_interleave(BLOCK)[:n]
-        flat = torch.from_numpy(codes).float() * step
+        flat = _int8_values(codes, entry["absmax"], n)
     else:
         flat = _four_bit_values(codes, entry["absmax"], mode, n)
     t = flat.reshape(shape)
