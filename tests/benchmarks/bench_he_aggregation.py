@@ -186,10 +186,11 @@ def ckks_job(tmp: Path, initial: dict) -> JobInProcess:
     return with_initial_adapter(JobInProcess(JOBS / "fedlora_ckks_stock", tmp, SITES, {}), initial)
 
 
-def plain_job(tmp: Path, initial: dict) -> JobInProcess:
-    # fp32 as the reference: without the job's quantized transport (docs/benchmarks/quantization.md has it)
-    fed = JobInProcess(JOBS / "fedlora_plain", tmp, SITES, {}, leave_out=(quantize_filter.FILTER, dequantize_filter.FILTER))
-    return with_initial_adapter(fed, initial)
+def plain_job(tmp: Path, initial: dict, transport: bool = False) -> JobInProcess:
+    """The plaintext job; fp32 (the reference) unless ``transport``: then with its quantized transport
+    (``docs/large-models.md``)."""
+    leave_out = () if transport else (quantize_filter.FILTER, dequantize_filter.FILTER)
+    return with_initial_adapter(JobInProcess(JOBS / "fedlora_plain", tmp, SITES, {}, leave_out=leave_out), initial)
 
 
 def with_initial_adapter(fed: JobInProcess, initial: dict) -> JobInProcess:
