@@ -217,7 +217,7 @@ def test_plaintext_job_in_the_simulator_quantizes_uploads_and_downloads(tmp_path
 
     from hospital_fedlora_tools.demo import derive_job, run_simulator
 
-    job = derive_job(REPO / "jobs" / "fedlora_plain", tmp_path, num_rounds=2, local_steps=2)
+    job = derive_job(REPO / "jobs" / "fedlora_plain", tmp_path, num_rounds=1, local_steps=2)
     client = json.loads((job / "app/config/config_fed_client.json").read_text())
     mode = next(f["args"]["mode"] for e in client["task_result_filters"] for f in e["filters"] if "QuantizeFilter" in f["path"])
     sites = ("hospital-a", "hospital-b", "hospital-c")
@@ -225,10 +225,10 @@ def test_plaintext_job_in_the_simulator_quantizes_uploads_and_downloads(tmp_path
     log = (tmp_path / "ws.log").read_text()
     sizes = lambda kind: [tuple(int(n.replace(",", "")) for n in m) for m in re.findall(rf"{kind} quantized to {mode}: ([\d,]+) -> ([\d,]+) bytes", log)]  # noqa: E731
     up, down = sizes("WEIGHT_DIFF"), sizes("WEIGHTS")
-    assert len(up) == 2 * len(sites) and len(down) >= 2, log[-3000:]  # every upload; each round's task
+    assert len(up) == len(sites) and len(down) >= 1, log[-3000:]  # every upload; the round's task
     bytes_per_value = {"fp16": 2, "bf16": 2, "int8": 1 + 4 / 64, "nf4": 0.5 + 4 / 64, "fp4": 0.5 + 4 / 64}[mode]
     assert all(after == pytest.approx(before / 4 * bytes_per_value, rel=0.01) for before, after in up + down)
-    final_server = load_file(str(run / "adapter_rounds" / "round_001.safetensors"))
+    final_server = load_file(str(run / "adapter_rounds" / "round_000.safetensors"))
     for site in sites:  # the final adapter travels unquantized: every hospital keeps exactly the server's
         final = load_file(str(run.parents[1] / site / "simulate_job" / "global_adapter" / "adapter_model.safetensors"))
         assert sorted(final) == sorted(final_server)

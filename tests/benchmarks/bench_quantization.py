@@ -15,7 +15,7 @@ their error on this machine is recorded, and they are measured where CUDA is pre
 scales), ratio to fp32, relative L2 error, largest error over the largest value, and quantize and
 dequantize seconds (wall, median of the repeats with min and max).
 
-Usage: ``python tests/benchmarks/bench_quantization.py --out docs/benchmarks [--repeats 3] [--quick]``.
+Usage: ``python tests/benchmarks/bench_quantization.py --out docs/benchmarks [--repeats 3] [--quick] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -190,7 +190,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="one decoder layer at a quarter of every dimension")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core machine "
+                    "two threads spin against whatever else runs, and small tensors take 40x longer)")  # fmt: skip
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     descriptions = {
         "decoder_layers": "the linear weights of decoder layer 0" + ("" if args.quick else " and 1"),
         "lora_adapter": "LoRA r=16 on q, k, v, o, gate, up, down" + (" (those of the set above)" if args.quick else " of all 16 layers"),

@@ -170,7 +170,7 @@ def dequantize_tensor(entry: Mapping, name: str = "tensor") -> object:
     n = math.prod(shape)
     codes = entry["codes"]
     if mode == "fp16":
-        flat = torch.from_numpy(codes.astype(np.float32))
+        flat = torch.from_numpy(codes).to(torch.float32)  # torch's conversion is vectorised, numpy's is not
     elif mode == "bf16":
         flat = torch.from_numpy(codes.copy()).view(torch.bfloat16).float()
     elif mode == "int8":
