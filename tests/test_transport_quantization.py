@@ -186,12 +186,16 @@ def test_filters_round_trip_over_fobs_bytes_and_the_upload_shrinks():
 
 
 def test_a_quantized_broadcast_passes_again_unchanged_and_non_finite_tensors_travel_as_they_are():
-    q = QuantizeFilter(mode="int8")
+    q = QuantizeFilter(mode="int8", rounding="stochastic")  # stochastic applies to WEIGHT_DIFF only
     task = DXO(DataKind.WEIGHTS, data=adapter_like()).to_shareable()
     once = q.process(task, fl_ctx("server", 0))
     first = from_shareable(once).data
     again = from_shareable(q.process(once, fl_ctx("server", 0))).data  # FLARE filters one task per site
     assert all(np.array_equal(first[k]["codes"], again[k]["codes"]) for k in first)
+    # the global adapter rounds to nearest, so each filtering of it gives every site the same payload
+    other = from_shareable(q.process(DXO(DataKind.WEIGHTS, data=adapter_like()).to_shareable(), fl_ctx("server", 0))).data
+    assert all(np.array_equal(first[k]["codes"], other[k]["codes"]) for k in first)
+    assert all(np.array_equal(first[k]["codes"], quantize_tensor(v, "int8")["codes"]) for k, v in adapter_like().items())
     diff = adapter_like()
     diff["odd"][0, 0] = np.nan
     out = from_shareable(q.process(_upload(diff), fl_ctx("hospital-c", 0))).data

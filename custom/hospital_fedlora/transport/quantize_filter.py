@@ -54,7 +54,8 @@ class QuantizeFilter(DXOFilter):
     Args:
         mode: one of fp16, bf16, int8, nf4, fp4.
         rounding: ``nearest`` (default) or ``stochastic`` (int8 only: each value's expected code is the
-            value, so the errors of an average cancel: use it on what the server averages).
+            value, so the errors of an average cancel). It applies to WEIGHT_DIFF, what the server
+            averages; WEIGHTS (a global adapter every site must receive identically) round to nearest.
         rounding_seed: fixed seed for stochastic rounding (tests only); default fresh randomness.
 
     A DXO already marked quantized passes unchanged: FLARE may hand the server's one broadcast task to
@@ -74,18 +75,20 @@ class QuantizeFilter(DXOFilter):
         s = self.settings
         who = fl_ctx.get_identity_name()
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, fl_ctx.get_prop(AppConstants.CURRENT_ROUND))
-        generator = rounding_generator(s.rounding_seed, who, rnd) if s.rounding == "stochastic" else None
+        rounding = s.rounding if dxo.data_kind == DataKind.WEIGHT_DIFF else "nearest"
+        generator = rounding_generator(s.rounding_seed, who, rnd) if rounding == "stochastic" else None
         data, kept = {}, []
         for name, x in dxo.data.items():
             try:
-                data[name] = quantize_tensor(x, s.mode, s.rounding, generator, name)
+                data[name] = quantize_tensor(x, s.mode, rounding, generator, name)
             except NonFiniteError:
                 data[name] = x  # no quantized form; the receiver's checks say why they refuse it
                 kept.append(name)
             except ValueError as err:
                 raise ValueError(f"{who} round {rnd}: cannot quantize the {dxo.data_kind} to {s.mode}: {err}") from None
         if kept:
-            self.log_warning(fl_ctx, f"{who} round {rnd}: {len(kept)} tensors hold NaN or infinity and travel unquantized ({', '.join(kept[:3])})")
+            names = ", ".join(kept[:3])
+            self.log_warning(fl_ctx, f"{who} round {rnd}: {len(kept)} tensors hold NaN or infinity, sent unquantized ({names})")
         before, after = payload_nbytes(dxo.data), payload_nbytes(data)
         self.log_info(fl_ctx, f"{who} round {rnd}: {dxo.data_kind} quantized to {s.mode}: {before:,} -> {after:,} bytes")
         return DXO(dxo.data_kind, data=data, meta={**dxo.meta, Meta.QUANTIZATION: s.mode})
