@@ -77,6 +77,7 @@ bench: base-model data
 	$(PY) tests/benchmarks/bench_training_throughput.py --workspace $(WORK) --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_round_overhead.py --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_he_aggregation.py --out docs/benchmarks
+	$(PY) tests/benchmarks/bench_quantization.py --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_deployment.py --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_memory_soak.py --probe --out docs/benchmarks
 	$(PY) tests/benchmarks/bench_reliability.py --out docs/benchmarks

@@ -47,6 +47,8 @@ from hospital_fedlora.he.encoding import dequantize, step_size
 from hospital_fedlora.he.packed_bfv import decrypt_ints
 from hospital_fedlora.he.wire_format import CHUNK_MAGIC, frame, unframe
 from hospital_fedlora.protocol import Data, Meta
+from hospital_fedlora.transport.quantization import max_abs_error
+from hospital_fedlora.transport.quantize_filter import QuantizeFilter
 from hospital_fedlora_tools.base_model import BaseModelSpec
 
 from flare_harness import fl_ctx
@@ -155,6 +157,7 @@ class Federation:
         result.set_peer_props({ReservedKey.IDENTITY_NAME: site})
         result.add_cookie(AppConstants.CONTRIBUTION_ROUND, rnd if cookie_round is None else cookie_round)
         result.set_header(ReservedHeaderKey.TASK_ID, task_id or self.task_ids.get((site, rnd), str(uuid.uuid4())))
+        result = self.fed.server_filtered(result, rnd)  # the job's server result filters (plaintext: dequantize)
         return self.aggregator.accept(result, self.fed.server_ctx(rnd))
 
     def close(self, rnd: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -174,10 +177,16 @@ class Federation:
         self.aggregator.reset(ctx)
         return {k: np.asarray(v, np.float64) for k, v in average.items()}, dict(dxo.meta[Meta.EXAMPLE_COUNTS])
 
-    def tolerance(self) -> float:
-        """How far the aggregate may be from the exact weighted average: float32, or a rounding step per site."""
+    def tolerance(self, rnd: int) -> float:
+        """How far the aggregate may be from the exact weighted average: the plaintext job's transport
+        quantization bound (float32 without it), or a rounding step per site."""
         if self.job == PLAIN:
-            return 1e-6
+            quantizer = next((f for f in self.fed.sites[HONEST[0]].result_filters if isinstance(f, QuantizeFilter)), None)
+            if quantizer is None:
+                return 1e-6
+            # each value of each upload restores within the mode's bound; a weighted average stays within it
+            peak = max(float(np.abs(v).max()) for s in HONEST for v in honest_diff(s, rnd).values())
+            return max_abs_error(quantizer.settings.mode, quantizer.settings.rounding, peak) + 1e-6
         key = self.fed.sites[HONEST[0]].result_filters[0].key
         total_weight = sum(COUNTS[s] for s in HONEST) / key.settings.full_weight
         # under one step per site (stochastic rounding), plus the float32 of the decoded average
@@ -237,7 +246,7 @@ def run(scenario: Scenario, root: Path | None = None) -> Outcome:
         server_reason=server_reason,
         aggregated=counted,
         aggregate_error=error,
-        tolerance=fed.tolerance(),
+        tolerance=fed.tolerance(scenario.round),
     )
 
 

@@ -2,7 +2,10 @@
 
 Every component is built from the job's own config files (class paths and arguments) and driven through
 its FLARE interface; messages cross between participants as FOBS bytes (``Shareable.to_bytes`` /
-``from_bytes``), exactly what FLARE puts on the wire before streaming. Used by the round-path test and
+``from_bytes``), exactly what FLARE puts on the wire before streaming. The server's task-data filters run
+on the train task as it leaves and its task-result filters on every upload before the aggregator, as
+FLARE's server runner applies them (a failing result filter turns the upload into FLARE's
+``TASK_RESULT_FILTER_ERROR`` reply). Used by the round-path test and
 the HE benchmark, so both measure what the jobs ship.
 """
 
@@ -15,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey
-from nvflare.apis.shareable import Shareable
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
+from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
@@ -31,6 +34,11 @@ def build(entry: dict, **overrides):
     """An instance of a job-config component entry ``{"path": ..., "args": ...}``."""
     module, _, cls = entry["path"].rpartition(".")
     return getattr(importlib.import_module(module), cls)(**{**entry.get("args", {}), **overrides})
+
+
+def filters(config: dict, key: str, leave_out: tuple[str, ...] = ()) -> list:
+    """The filters of a config's ``task_data_filters`` / ``task_result_filters``, in order, built."""
+    return [build(f) for entry in config.get(key, []) for f in entry["filters"] if f["path"] not in leave_out]
 
 
 def job_config(job_dir: Path, side: str) -> dict:
@@ -59,11 +67,13 @@ class JobInProcess:
     "client": {name: bytes}}``) are written into their ``startup/`` folders, as provisioning does for the
     key files. With ``site_configs`` every hospital also runs the job's executor on its own data,
     otherwise the caller supplies each round's train result. ``client_args`` override the arguments of
-    client components (and the executor) by id.
+    client components (and the executor) by id. ``leave_out``: class paths of filters not to build on
+    either side (a benchmark's fp32 reference without the plaintext job's quantized transport).
     """
 
     def __init__(self, job_dir: Path, root: Path, sites: list[str], startup_files: dict[str, dict[str, bytes]],
-                 site_configs: Path | None = None, client_args: dict[str, dict] | None = None):  # fmt: skip
+                 site_configs: Path | None = None, client_args: dict[str, dict] | None = None,
+                 leave_out: tuple[str, ...] = ()):  # fmt: skip
         self.sites: dict[str, Site] = {}
         client, server = job_config(job_dir, "client"), job_config(job_dir, "server")
         overrides = client_args or {}
@@ -75,8 +85,8 @@ class JobInProcess:
             app_config.parent.mkdir(parents=True)
             app_config.write_text(json.dumps(client))
             components = {c["id"]: build(c, **overrides.get(c["id"], {})) for c in client["components"]}
-            data_filters = [build(f) for entry in client["task_data_filters"] for f in entry["filters"]]
-            result_filters = [build(f) for entry in client["task_result_filters"] for f in entry["filters"]]
+            data_filters = filters(client, "task_data_filters", leave_out)
+            result_filters = filters(client, "task_result_filters", leave_out)
             site = Site(name, Engine(components, sites, workspace), data_filters, result_filters)
             if site_configs is not None:
                 (Path(workspace.get_root_dir()) / "local" / "site_config.yaml").write_text(
@@ -93,10 +103,12 @@ class JobInProcess:
             Path(workspace.get_startup_kit_dir(), file).write_bytes(data)
         Path(workspace.get_run_dir(JOB_ID)).mkdir(parents=True)
         self.server = {c["id"]: build(c) for c in server["components"]}
+        self.server_data_filters = filters(server, "task_data_filters", leave_out)
+        self.server_result_filters = filters(server, "task_result_filters", leave_out)
         self.server_engine = Engine(self.server, sites, workspace)
         self.global_model = None
         started = time.process_time()
-        start_run(self.server.values(), self.server_ctx())
+        start_run([*self.server.values(), *self.server_data_filters, *self.server_result_filters], self.server_ctx())
         self.server_start_cpu_s = time.process_time() - started  # loading the server's keys, once per job
         self.global_model = self.server["persistor"].load_model(self.server_ctx())
 
@@ -119,7 +131,24 @@ class JobInProcess:
         task.set_header(AppConstants.CURRENT_ROUND, rnd)
         ctx.set_prop(AppConstants.TRAIN_SHAREABLE, task, private=True, sticky=False)
         self.fire(AppEventType.BEFORE_TRAIN_TASK, ctx)
+        for f in self.server_data_filters:  # as the task leaves for a site
+            task = f.process(task, ctx)
         return task.to_bytes()
+
+    def server_filtered(self, result: Shareable, rnd: int) -> Shareable:
+        """An upload after the server's task-result filters, as FLARE's server runner hands it on."""
+        ctx = self.server_ctx(rnd)
+        ctx.set_peer_context(fl_ctx(result.get_peer_prop(ReservedKey.IDENTITY_NAME, "unknown site")))
+        try:
+            for f in self.server_result_filters:
+                result = f.process(result, ctx)
+        except Exception:  # FLARE logs the cause at the server and hands on an error reply for the same task
+            reply = make_reply(ReturnCode.TASK_RESULT_FILTER_ERROR)
+            for key in (ReservedHeaderKey.PEER_PROPS, ReservedHeaderKey.COOKIE_JAR, ReservedHeaderKey.TASK_ID):
+                if result.get_header(key) is not None:
+                    reply.set_header(key, result.get_header(key))
+            result = reply
+        return result
 
     def aggregate(self, rnd: int, uploads: dict[str, bytes]) -> None:
         """The server's side of a round: accept every upload, sum, append to the log, persist, record."""
@@ -130,6 +159,7 @@ class JobInProcess:
             result = Shareable.from_bytes(data)
             result.set_peer_props({ReservedKey.IDENTITY_NAME: site})
             result.add_cookie(AppConstants.CONTRIBUTION_ROUND, rnd)
+            result = self.server_filtered(result, rnd)
             ctx.set_prop(AppConstants.TRAINING_RESULT, result, private=True, sticky=False)
             self.fire(AppEventType.BEFORE_CONTRIBUTION_ACCEPT, ctx)
             accepted = aggregator.accept(result, ctx)

@@ -57,3 +57,23 @@ def test_real_shapes_benchmark_quick_run_measures_the_shipped_components(tmp_pat
     assert one["site_round"]["peak_rss_mb"] >= one["site_round"]["peak_rss_mb_after_setup"] > 0
     assert one["site_round"]["up_bytes"] > 0
     assert (tmp_path / "real_shapes.md").read_text().startswith("# The shipped components at real Llama-3.x shapes")
+
+
+def test_quantization_benchmark_quick_run_reports_every_codec(tmp_path):
+    """bench_quantization.py on scaled-down shapes: every mode's bytes and error, NVFlare's beside them."""
+    subprocess.run(
+        [sys.executable, str(REPO / "tests" / "benchmarks" / "bench_quantization.py"), "--quick", "--repeats", "1", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    report = json.loads((tmp_path / "quantization.json").read_text())
+    assert list(report["sets"]) == ["decoder_layers", "lora_adapter"] and report["quick"]
+    for s in report["sets"].values():
+        rows = s["rows"]
+        ratios = {k: round(rows[k]["ratio_to_fp32"], 2) for k in ("ours/fp16", "ours/bf16", "ours/int8", "ours/nf4", "ours/fp4")}
+        assert ratios == {"ours/fp16": 0.5, "ours/bf16": 0.5, "ours/int8": 0.27, "ours/nf4": 0.14, "ours/fp4": 0.14}
+        assert rows["ours/int8"]["relative_l2_error"] < rows["bitsandbytes/quantize_blockwise"]["relative_l2_error"] < 1e-2
+        assert rows["ours/fp16"]["relative_l2_error"] == rows["nvflare/float16"]["relative_l2_error"] < 1e-3
+        assert rows["ours/nf4"]["relative_l2_error"] < rows["ours/fp4"]["relative_l2_error"] < 0.14
+        for kind in ("blockwise8", "normfloat4", "float4"):  # .cuda() in NVFlare's quantizer
+            assert ("error" in rows[f"nvflare/{kind}"]) != report["machine"].endswith("CUDA True"), kind
+    assert (tmp_path / "quantization.md").read_text().startswith("# Quantized transport on Llama-3.2-1B shapes")

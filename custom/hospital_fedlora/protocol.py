@@ -26,6 +26,8 @@ class Meta:
     METRICS = "metrics"  # one site's training metrics (``Metric``) for the round
     ADAPTER_CONFIG = "adapter_config"  # PEFT's adapter_config.json content, the same at every site
     LORA_RANK = "lora_rank"  # a site's own lower LoRA rank (plaintext jobs); absent: the job's rank
+    # plaintext jobs: the mode a WEIGHTS / WEIGHT_DIFF payload is quantized to (``transport/``); absent: as trained
+    QUANTIZATION = "quantization"
 
     # an encrypted contribution, in the clear
     WEIGHT_FACTOR = "weight_factor"  # min(example count, full_weight) / full_weight, applied before rounding

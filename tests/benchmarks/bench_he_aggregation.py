@@ -60,6 +60,7 @@ from hospital_fedlora.he.aggregate_mac import mac_slots  # noqa: E402
 from hospital_fedlora.he.encoding import contribution_weight, step_size  # noqa: E402
 from hospital_fedlora.he.wire_format import CHUNK_MAGIC, unframe  # noqa: E402
 from hospital_fedlora.protocol import Data, Meta  # noqa: E402
+from hospital_fedlora.transport import dequantize_filter, quantize_filter  # noqa: E402
 
 from job_in_process import REPO, JobInProcess  # noqa: E402
 from mac_overhead import markdown as mac_markdown  # noqa: E402
@@ -185,8 +186,11 @@ def ckks_job(tmp: Path, initial: dict) -> JobInProcess:
     return with_initial_adapter(JobInProcess(JOBS / "fedlora_ckks_stock", tmp, SITES, {}), initial)
 
 
-def plain_job(tmp: Path, initial: dict) -> JobInProcess:
-    return with_initial_adapter(JobInProcess(JOBS / "fedlora_plain", tmp, SITES, {}), initial)
+def plain_job(tmp: Path, initial: dict, transport: bool = False) -> JobInProcess:
+    """The plaintext job; fp32 (the reference) unless ``transport``: then with its quantized transport
+    (``docs/large-models.md``)."""
+    leave_out = () if transport else (quantize_filter.FILTER, dequantize_filter.FILTER)
+    return with_initial_adapter(JobInProcess(JOBS / "fedlora_plain", tmp, SITES, {}, leave_out=leave_out), initial)
 
 
 def with_initial_adapter(fed: JobInProcess, initial: dict) -> JobInProcess:

@@ -1,9 +1,11 @@
 """Task-result filter at the hospital: a signed receipt of exactly what leaves the site, kept at the site.
 
-It runs last, after the encrypt filter, so it digests what goes on the wire (the ciphertext chunks in
-the encrypted job). The receipt is signed with the kit's private key (``startup/client.key``), appended
-to ``<site run folder>/audit/receipts.jsonl`` before the result is sent, and sent along in a header so
-the server's audit log carries the hospital's signature, which the server cannot forge.
+It runs last, after the encrypt or quantize filter, so it digests what goes on the wire: the ciphertext
+chunks in the encrypted job; in a plaintext job with quantized transport, the values the quantized upload
+restores to, which is what the server's audit log digests after its dequantize filter. The receipt is
+signed with the kit's private key (``startup/client.key``), appended to ``<site run
+folder>/audit/receipts.jsonl`` before the result is sent, and sent along in a header so the server's
+audit log carries the hospital's signature, which the server cannot forge.
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ class ReceiptFilter(Filter):
         if self.signer is None:
             return shareable
         dxo = from_shareable(shareable)
+        data = dxo.data
+        if dxo.get_meta_prop(Meta.QUANTIZATION):
+            # A quantized upload (plaintext jobs, transport/) is signed as the values it restores to: what the
+            # server's dequantize filter hands its audit log and its average. Restoring is a deterministic
+            # function of what travels, so this digest still binds exactly what left the site.
+            from ..transport.quantization import dequantize_tensors
+
+            data = dequantize_tensors(data)
         rnd = shareable.get_header(AppConstants.CURRENT_ROUND, self._task_headers.get(AppConstants.CURRENT_ROUND))
         receipt = {
             "job_id": fl_ctx.get_job_id(),
@@ -84,7 +94,7 @@ class ReceiptFilter(Filter):
             "round": rnd,
             "task": fl_ctx.get_prop(FLContextKey.TASK_NAME),
             "data_kind": dxo.data_kind,
-            "digest": contribution_digest(dxo.data),
+            "digest": contribution_digest(data),
             "example_count": dxo.get_meta_prop(Meta.EXAMPLE_COUNT),
             "signed_at": utc_now(),
             "log_head": self._task_headers.get(AUDIT_HEAD_HEADER),
