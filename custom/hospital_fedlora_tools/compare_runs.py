@@ -115,7 +115,7 @@ def bytes_per_round(initial: Mapping[str, np.ndarray]) -> dict[str, dict]:
     truth = (sum(c * f for c, f in zip(EXAMPLES, flat)) / sum(EXAMPLES)).numpy()
     made = make_context(BFVParams(), n_threads=1)
     keys = {"client": serialize_context(made, secret=True), "server": serialize_context(made, secret=False)}
-    jobs = {"federated": lambda t: plain_job(t, {k: np.zeros(s, np.float32) for k, s in shapes.items()}),
+    jobs = {"federated": lambda t: plain_job(t, {k: np.zeros(s, np.float32) for k, s in shapes.items()}, transport=True),
             "federated_he_int16": lambda t: packed_job(t, keys, PACKED["packed_bfv_int16"], dict(SHIPPED)),
             "federated_he_int8": lambda t: packed_job(t, keys, PACKED["packed_bfv_int8"], dict(SHIPPED))}  # fmt: skip
     out = {"local_only": {"up_bytes_per_site": 0, "down_bytes_per_site": 0},
