@@ -45,8 +45,9 @@ def records(data_dir):
 
 
 def _model(base_model_dir, variant="lora"):
+    """The shipped recipe's LoRA (the jobs' adapter shapes), without dropout."""
     model, tokenizer = load_base_model(base_model_dir, CPU)
-    return apply_lora(model, LoraSettings(r=8, dropout=0.0, variant=variant), seed=0), tokenizer
+    return apply_lora(model, LoraSettings(dropout=0.0, variant=variant), seed=0), tokenizer
 
 
 def _train(model, tokenizer, records, steps=4, **kwargs):
