@@ -105,15 +105,15 @@ def test_encrypted_run_matches_the_plaintext_run(runs, deployed_kits):
         assert he[s]["val_loss"] == pytest.approx(plain[s]["val_loss"], rel=1e-4), s
         assert he[s]["val_loss"] < he[s]["base_val_loss"], s
     # The adapters themselves. LoRA B starts at zero, so each B tensor is the change the federation learnt:
-    # it agrees to well under 1%. Single entries may differ by up to about one optimizer step (the lr): Adam
-    # normalises the gradient, so where it is near zero the int16 rounding can flip the direction of a step.
+    # it agrees to well under 1%. Single entries may differ by up to about one optimizer step (the lr) per round:
+    # Adam normalises the gradient, so where it is near zero the int16 rounding can flip the direction of a step.
     he_adapter, plain_adapter = (
         load_file(str(deployed_kits.clients["hospital-a"] / runs[j]["job_id"] / "global_adapter" / "adapter_model.safetensors"))
         for j in ("fedlora_he", "fedlora_plain")
     )
     assert he_adapter.keys() == plain_adapter.keys()
     for k, plain_value in plain_adapter.items():
-        assert np.abs(he_adapter[k] - plain_value).max() < TrainingRecipe().learning_rate, k
+        assert np.abs(he_adapter[k] - plain_value).max() < ROUNDS * TrainingRecipe().learning_rate, k
         if "lora_B" in k:
             assert np.linalg.norm(he_adapter[k] - plain_value) < 0.01 * np.linalg.norm(plain_value), k
 
