@@ -112,9 +112,10 @@ def test_bytes_and_validation_curves(quick):
     b = q["bytes_per_round"]
     assert set(b) == set(SETTINGS) - {"base"}
     assert b["local_only"]["up_bytes_per_site"] == b["centralized"]["down_bytes_per_site"] == 0
-    # ciphertext costs more than fp32, 8-bit packing about half of 16-bit
+    # ciphertext costs more than the plaintext job's fp16; a slot packs 5 int8 values where it packs 3 int16
+    # ones, so 8-bit takes about 3/5 of 16-bit's bytes (plus fixed parts: the tag slot, headers)
     assert b["federated_he_int16"]["up_bytes_per_site"] > b["federated"]["up_bytes_per_site"] > 0
-    assert b["federated_he_int8"]["up_bytes_per_site"] < 0.6 * b["federated_he_int16"]["up_bytes_per_site"]
+    assert b["federated_he_int8"]["up_bytes_per_site"] < 0.65 * b["federated_he_int16"]["up_bytes_per_site"]
     curves = q["validation_loss_per_round"]
     assert set(curves) == set(SETTINGS) - {"base"}
     for setting, per_site in curves.items():
