@@ -63,8 +63,8 @@ class LoraSettings(StrictModel):
     r: int = Field(16, ge=1, le=1024)
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    # Every linear layer of a Llama block: on the offline model, r=8 on q/v alone never learnt to answer with
-    # the diagnosis group (0% exact match after 400 pooled steps; docs/results.md).
+    # Every linear layer of a Llama block: under the earlier recipe (r=8 on q/v) make compare measured 0%
+    # diagnosis-group exact match in every setting (docs/architecture.md, "The recipe has one source").
     target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     variant: Literal["lora", "ffa"] = Field(
         "lora",

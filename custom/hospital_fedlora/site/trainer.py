@@ -186,11 +186,14 @@ class LocalTrainer:
             for c in chunks
         ]
 
+    def _next_token_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 logits at every position but the last, the labels they predict)."""
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return logits[:, :-1].float(), batch["labels"][:, 1:]
+
     def _summed_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Sum of next-token losses over response tokens, and how many there were."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        logits = logits[:, :-1].float()
+        logits, labels = self._next_token_logits(batch)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
         return loss, int((labels != IGNORE_INDEX).sum())
 
@@ -198,9 +201,7 @@ class LocalTrainer:
         """The micro-batch's share of a step's loss numerator under ``loss_weighting``."""
         if self.loss_weighting == "token":
             return self._summed_loss(batch)[0]
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        logits = logits[:, :-1].float()
+        logits, labels = self._next_token_logits(batch)
         per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
                                     reduction="none").view(labels.shape)  # fmt: skip
         counts = (labels != IGNORE_INDEX).sum(dim=1)
